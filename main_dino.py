@@ -1,0 +1,335 @@
+"""DINO self-supervised training (Caron et al., ICCV 2021).
+
+    # one CPU or one GPU, no launcher
+    python main_dino.py --arch vit_small --data_path /path/to/imagenet/train --output_dir /path/to/saving_dir
+    # 8 GPUs on one node
+    torchrun --nproc_per_node=8 main_dino.py --arch vit_small --data_path /path/to/imagenet/train \
+        --output_dir /path/to/saving_dir
+    # the 2-minute CPU demo on Fashion-MNIST: see `make demo`
+
+Training resumes from output_dir/checkpoint.pth when it exists.
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import utils
+from vision_transformer import DINOHead, build_model
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("DINO", add_help=False)
+
+    # Model parameters
+    utils.add_model_args(parser)
+    parser.add_argument("--out_dim", default=65536, type=int, help="""Dimensionality of
+        the DINO head output. For complex and large datasets large values (like 65k) work well.""")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                        help="""Whether or not to weight normalize the last layer of the DINO head.
+        Not normalizing leads to better performance but can make the training unstable.
+        In our experiments, we typically set this paramater to False with vit_small and True with vit_base.""")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float, help="""Base EMA
+        parameter for teacher update. The value is increased to 1 during training with cosine schedule.
+        We recommend setting a higher value with small batches: for example use 0.9995 with batch size of 256.""")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="Whether to use batch normalizations in projection head (Default: False)")
+
+    # Temperature teacher parameters
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="""Initial value for the teacher temperature: 0.04 works well in most cases.
+        Try decreasing it if the training loss does not decrease.""")
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="""Final value (after linear warmup)
+        of the teacher temperature. For most experiments, anything above 0.07 is unstable. We recommend
+        starting with the default value of 0.04 and increase this slightly if needed.""")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="Number of warmup epochs for the teacher temperature (Default: 30).")
+
+    # Training/Optimization parameters
+    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Whether or not
+        to use half precision for training (CUDA only; CPU runs train in fp32). Improves training time and
+        memory requirements, but can provoke instability and slight decay of performance. We recommend
+        disabling mixed precision if the loss is unstable, if reducing the patch size or if training with
+        bigger ViTs.""")
+    parser.add_argument("--use_bf16", type=utils.bool_flag, default=False, help="""Autocast to bfloat16
+        instead of float16 (no loss scaling needed; Ampere GPUs and newer). Takes precedence over --use_fp16.""")
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="""Initial value of the
+        weight decay. With ViT, a smaller value at the beginning of training works well.""")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Final value of the
+        weight decay. We use a cosine schedule for WD and using a larger decay by
+        the end of training improves performance for ViTs.""")
+    parser.add_argument("--clip_grad", type=float, default=3.0, help="""Maximal parameter
+        gradient norm if using gradient clipping. Clipping with norm .3 ~ 1.0 can
+        help optimization for larger ViT architectures. 0 for disabling.""")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="Per-GPU batch-size : number of distinct images loaded on one GPU.")
+    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    parser.add_argument("--freeze_last_layer", default=1, type=int, help="""Number of epochs
+        during which we keep the output layer fixed. Typically doing so during
+        the first epoch helps training. Try increasing this value if the loss does not decrease.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Learning rate at the end of
+        linear warmup (highest LR used during training). The learning rate is linearly scaled
+        with the batch size, and specified here for a reference batch size of 256.""")
+    parser.add_argument("--warmup_epochs", default=10, type=int,
+                        help="Number of epochs for the linear learning-rate warm up.")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="""Target LR at the
+        end of optimization. We use a cosine LR schedule with linear warmup.""")
+    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
+                        help="""Type of optimizer. We recommend using adamw with ViTs.""")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
+
+    # Multi-crop parameters
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
+                        help="""Scale range of the cropped image before resizing, relatively to the origin image.
+        Used for large global view cropping. When disabling multi-crop (--local_crops_number 0), we
+        recommand using a wider range of scale ("--global_crops_scale 0.14 1." for example)""")
+    parser.add_argument("--local_crops_number", type=int, default=8, help="""Number of small
+        local views to generate. Set this parameter to 0 to disable multi-crop training.
+        When disabling multi-crop we recommend to use "--global_crops_scale 0.14 1." """)
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                        help="""Scale range of the cropped image before resizing, relatively to the origin image.
+        Used for small local view cropping of multi-crop.""")
+    parser.add_argument("--global_crops_size", type=int, default=224,
+                        help="Side in pixels of the global crops (224 for ImageNet; smaller for small images).")
+    parser.add_argument("--local_crops_size", type=int, default=96,
+                        help="Side in pixels of the local crops (96 for ImageNet).")
+
+    # Misc
+    parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
+                        help="Please specify path to the ImageNet training data.")
+    parser.add_argument("--output_dir", default=".", type=str, help="Path to save logs and checkpoints.")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="Save checkpoint every x epochs.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--log_freq", default=10, type=int,
+                        help="Print (and check the loss is finite) every x iterations.")
+    utils.add_distributed_args(parser)
+    return parser
+
+
+def check_args(args) -> None:
+    """One-line errors for flag values that would otherwise fail deep inside training."""
+    for name in ("global_crops_scale", "local_crops_scale"):
+        scale = getattr(args, name)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise utils.InputError(f"--{name} {' '.join(map(str, scale))}: expected two numbers 0 < min <= max <= 1")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        raise utils.InputError(f"--warmup_teacher_temp_epochs {args.warmup_teacher_temp_epochs} is more than "
+                         f"--epochs {args.epochs}")
+    if args.warmup_epochs > args.epochs:
+        raise utils.InputError(f"--warmup_epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
+    if args.batch_size_per_gpu < 1 or args.epochs < 1:
+        raise utils.InputError("--batch_size_per_gpu and --epochs must be at least 1")
+
+
+def build_data_loader(args):
+    transform = utils.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                           args.local_crops_number, args.global_crops_size, args.local_crops_size)
+    dataset = utils.ImageFolderSkipBad(args.data_path, transform=transform)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=True, seed=args.seed)
+    data_loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        pin_memory=args.device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+    if len(data_loader) == 0:
+        raise utils.InputError(f"--data_path {args.data_path} has {len(dataset)} images, fewer than one batch "
+                         f"(--batch_size_per_gpu {args.batch_size_per_gpu} x {args.world_size} processes)")
+    utils.print_main(f"Data loaded: there are {len(dataset)} images.")
+    return data_loader
+
+
+class LocalWrapper(nn.Module):
+    """Stands in for DistributedDataParallel in one process, so `.module` and the `module.` keys are the same."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def build_networks(args):
+    """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
+    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher = build_model(args.arch, patch_size=args.patch_size)
+    embed_dim = student.embed_dim
+    student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                                                       norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(args.device), teacher.to(args.device)
+
+    def wrap(model):
+        if args.world_size > 1:
+            return DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+        return LocalWrapper(model)
+
+    if utils.has_batchnorms(student):
+        if args.world_size > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = wrap(teacher)  # the teacher's batch norms need synchronising too
+        teacher_without_ddp = teacher.module
+    else:
+        teacher_without_ddp = teacher
+    student = wrap(student)
+    teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
+    for p in teacher.parameters():
+        p.requires_grad = False
+    utils.print_main(f"Student and Teacher are built: they are both {args.arch} network.")
+    return student, teacher, teacher_without_ddp
+
+
+def main(args):
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    check_args(args)
+    utils.print_main(utils.git_description())
+    utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    torch.backends.cudnn.benchmark = True
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ============ preparing data ... ============
+    data_loader = build_data_loader(args)
+
+    # ============ building student and teacher networks ... ============
+    student, teacher, teacher_without_ddp = build_networks(args)
+
+    # ============ preparing loss ... ============
+    dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                               args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
+
+    # ============ preparing optimizer and precision ... ============
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    on_cuda = args.device.type == "cuda"
+    if args.use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
+    if args.use_fp16 and not args.use_bf16 and not on_cuda:
+        utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
+    autocast = dict(device_type=args.device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
+                    enabled=args.use_bf16 or (args.use_fp16 and on_cuda))
+    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not args.use_bf16 and on_cuda)
+
+    # ============ init schedulers ... ============
+    niter = len(data_loader)
+    lr_schedule = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * args.world_size) / 256.,
+                                         args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    # momentum parameter is increased to 1. during training with a cosine schedule
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    utils.print_main("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    to_restore = {"epoch": 0}
+    utils.restart_from_checkpoint(
+        os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore, student=student,
+        teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler if fp16_scaler.is_enabled() else None,
+        dino_loss=dino_loss)
+    start_epoch = to_restore["epoch"]
+
+    start_time = time.time()
+    utils.print_main("Starting DINO training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+
+        # ============ training one epoch of DINO ... ============
+        epoch_start = time.time()
+        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer,
+                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, autocast,
+                                      args)
+        epoch_time = time.time() - epoch_start
+
+        # ============ writing logs ... ============
+        save_dict = {
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "args": checkpoint_args(args),
+            "dino_loss": dino_loss.state_dict(),
+        }
+        if fp16_scaler.is_enabled():
+            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+        utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "time": round(epoch_time, 2),
+                     "images_per_s": round(niter * args.batch_size_per_gpu * args.world_size / epoch_time, 1),
+                     "skipped_images": data_loader.dataset.num_skipped()}
+        utils.append_log(args.output_dir, log_stats)
+
+    total_time = time.time() - start_time
+    utils.print_main(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    utils.print_main(f"Checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}  "
+                     f"log: {os.path.join(args.output_dir, 'log.txt')}")
+
+
+def checkpoint_args(args) -> dict:
+    """args as a plain dict of builtins, so the checkpoint loads with weights_only=True."""
+    return {k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else str(v))
+            for k, v in vars(args).items()}
+
+
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+                    wd_schedule, momentum_schedule, epoch, fp16_scaler, autocast, args):
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    pending_losses = []  # losses stay on the device until the next log line: no host sync per step
+    last = len(data_loader) - 1
+    for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
+        it = len(data_loader) * epoch + i  # global training iteration
+        for j, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = lr_schedule[it]
+            if j == 0:  # only the first group is regularized
+                param_group["weight_decay"] = wd_schedule[it]
+
+        images = [im.to(args.device, non_blocking=True) for im in images]
+        with torch.autocast(**autocast):
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+
+        # student update
+        optimizer.zero_grad(set_to_none=True)
+        fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            fp16_scaler.unscale_(optimizer)  # unscale the gradients in place before clipping them
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+
+        # EMA update for the teacher
+        utils.update_teacher(student.module, teacher_without_ddp, momentum_schedule[it])
+
+        pending_losses.append(loss.detach())
+        if i % args.log_freq == 0 or i == last:
+            check_losses_finite(pending_losses, args)
+            for value in torch.stack(pending_losses).tolist():
+                metric_logger.update(loss=value)
+            pending_losses.clear()
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
+    metric_logger.synchronize_between_processes()
+    utils.print_main("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def check_losses_finite(losses, args) -> None:
+    """Stop every process if any recent loss is not finite; no checkpoint is written for this epoch."""
+    bad = utils.all_reduce_sum((~torch.isfinite(torch.stack(losses))).sum().reshape(1).float())
+    if bad.item() > 0:
+        values = torch.stack(losses).tolist()
+        utils.print_main(f"Loss is {values[-1]} (non-finite in {int(bad.item())} recent steps), stopping training; "
+                         f"the last checkpoint in {args.output_dir} is left as it was")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()])
+    utils.run_main(main, parser.parse_args())

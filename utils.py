@@ -1,0 +1,719 @@
+"""Everything the DINO scripts share, in fixed sections:
+
+distributed, command-line flags, checkpoints and weights, data, schedules,
+augmentation, loss and teacher, optimisation, logging.
+
+Nothing runs at import: no network, no subprocess, no process group.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+
+
+
+class InputError(Exception):
+    """A bad input (flag, path, file): reported by run_main as one line without a traceback."""
+
+
+def run_main(main, args) -> None:
+    """Call main(args); a bad input ends the process with one line on stderr and exit code 2."""
+    from vision_transformer import UnknownArchError
+    try:
+        main(args)
+    except (InputError, UnknownArchError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ============ distributed ============
+
+
+def is_dist_avail_and_initialized() -> bool:
+    """True inside a torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0."""
+    return get_rank() == 0
+
+
+def print_main(*args, **kwargs):
+    """print() on rank 0 only, flushed so logs interleave sensibly."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def _slurm_master_addr() -> str:
+    """First host of the Slurm job's node list."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # simple lists ("node1,node2" or one name) need no scontrol
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def slurm_port(job_id: str) -> int:
+    """A port every task of one Slurm job agrees on without talking, distinct between jobs."""
+    return 15000 + int(job_id) % 40000
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.rank, args.world_size, args.gpu, args.device and join a process group if there are peers.
+
+    Detects, in order: a launcher's environment (torchrun, torch.distributed.launch:
+    RANK/WORLD_SIZE/LOCAL_RANK), a Slurm step (srun, submitit: SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS, SLURM_LOCALID), else a single process with no group.
+    Backend NCCL on GPUs, gloo on CPU.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", args.local_rank))
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+
+    if torch.cuda.is_available():
+        if args.gpu >= torch.cuda.device_count():
+            raise InputError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(args.gpu)
+        args.device = torch.device("cuda", args.gpu)
+    else:
+        args.device = torch.device("cpu")
+
+    if args.world_size > 1:
+        backend = "nccl" if args.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                rank=args.rank, device_id=args.device if backend == "nccl" else None)
+        dist.barrier()
+    print_main(f"| distributed: world size {args.world_size}, rank {args.rank}, device {args.device}")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes in place; a no-op in one process."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed torch, numpy and random; each rank adds its rank so crops differ between processes."""
+    seed = seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ============ command-line flags ============
+
+
+def bool_flag(s: str) -> bool:
+    """argparse type for on/off, true/false, 1/0."""
+    if s.lower() in {"off", "false", "0"}:
+        return False
+    if s.lower() in {"on", "true", "1"}:
+        return True
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (use on/off, true/false, 1/0)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, patch_size: int = 16) -> None:
+    """--arch and --patch_size; any name is accepted here and checked by build_model (no network at parse time)."""
+    parser.add_argument("--arch", default="vit_small", type=str,
+                        help="""Name of architecture: vit_tiny, vit_small, vit_base (deit_tiny and deit_small are
+        aliases), any torchvision model name such as resnet50, or an XCiT name from the facebookresearch/xcit hub.""")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help="""Size in pixels of input square
+        patches - default 16 (for 16x16 patches). Using smaller values leads to better performance but requires
+        more memory. Applies only for ViTs (vit_tiny, vit_small and vit_base).""")
+
+
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+    """--pretrained_weights and --checkpoint_key, as in every evaluation script."""
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="Path to pretrained weights to evaluate; empty: the published weights for --arch.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key to use in the checkpoint (example: "teacher")')
+
+
+def add_distributed_args(parser: argparse.ArgumentParser, num_workers: int = 10) -> None:
+    """--num_workers, --dist_url and --local_rank (also spelt --local-rank, as torch>=2 launchers pass it)."""
+    parser.add_argument("--num_workers", default=num_workers, type=int, help="Number of data loading workers per GPU.")
+    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
+        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
+                        help="Please ignore and do not set this argument.")
+
+
+# ============ checkpoints and weights ============
+
+PUBLISHED_URL = "https://dl.fbaipublicfiles.com/dino/"
+PUBLISHED_BACKBONES = {
+    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    ("resnet50", None): "dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+    ("xcit_small_12_p16", None): "dino_xcit_small_12_p16_pretrain/dino_xcit_small_12_p16_pretrain.pth",
+    ("xcit_small_12_p8", None): "dino_xcit_small_12_p8_pretrain/dino_xcit_small_12_p8_pretrain.pth",
+    ("xcit_medium_24_p16", None): "dino_xcit_medium_24_p16_pretrain/dino_xcit_medium_24_p16_pretrain.pth",
+    ("xcit_medium_24_p8", None): "dino_xcit_medium_24_p8_pretrain/dino_xcit_medium_24_p8_pretrain.pth",
+}
+
+
+def published_weights_url(arch: str, patch_size: int) -> str:
+    """URL of the published DINO backbone for arch and patch size; ValueError when there is none."""
+    arch = {"deit_small": "vit_small"}.get(arch, arch)
+    path = PUBLISHED_BACKBONES.get((arch, patch_size)) or PUBLISHED_BACKBONES.get((arch, None))
+    if path is None:
+        raise InputError(f"no published DINO weights for --arch {arch} --patch_size {patch_size}; "
+                         f"give --pretrained_weights")
+    return PUBLISHED_URL + path
+
+
+def torch_load(path: str, map_location="cpu"):
+    """torch.load that never runs code from the file: weights_only, allowing argparse.Namespace (original checkpoints)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def download_weights(url: str) -> dict:
+    """torch.hub download (cached under TORCH_HOME) with a one-line error when offline."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except OSError as e:  # URLError, socket errors, HTTP errors are all OSErrors
+        raise InputError(f"could not download {url} ({e}); download it by hand and give its path "
+                           f"with --pretrained_weights") from None
+
+
+def extract_backbone_state_dict(state_dict: dict, checkpoint_key: str = "teacher", source: str = "") -> dict:
+    """The backbone's weights from a full checkpoint or a bare state dict.
+
+    As the original: take state_dict[checkpoint_key] when present, strip a leading
+    `module.`, then a leading `backbone.`; projection-head weights are dropped.
+    """
+    if checkpoint_key in state_dict:
+        state_dict = state_dict[checkpoint_key]
+    elif any(k in state_dict for k in ("teacher", "student")):
+        raise InputError(f"{source}: no key {checkpoint_key!r} in the checkpoint; it has: {', '.join(state_dict)}")
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise InputError(f"{source}: no key {checkpoint_key!r} and not a state dict; it has: "
+                       f"{', '.join(map(str, state_dict))}")
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+    return state_dict
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> None:
+    """load_state_dict(strict=True) whose failure is one line naming the keys and shapes that disagree."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {list(state_dict[k].shape)} in file vs {list(own[k].shape)} in model"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shapes differ: " + "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise InputError(f"{source} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: str, arch: str,
+                            patch_size: int) -> None:
+    """Load backbone weights strictly from a local file or, when pretrained_weights is empty, the published ones."""
+    if pretrained_weights:
+        if not os.path.isfile(pretrained_weights):
+            raise InputError(f"--pretrained_weights {pretrained_weights}: no such file")
+        state_dict = torch_load(pretrained_weights)
+        source = pretrained_weights
+    else:
+        url = published_weights_url(arch, patch_size)
+        print_main(f"No --pretrained_weights given: using the published DINO weights {url}")
+        state_dict = download_weights(url)
+        source = url
+    state_dict = extract_backbone_state_dict(state_dict, checkpoint_key, source)
+    load_state_dict_strict(model, state_dict, f"{source} (key {checkpoint_key!r})")
+    print_main(f"Pretrained weights loaded from {source} (key {checkpoint_key!r})")
+
+
+def save_on_master(obj, path: str) -> None:
+    """Atomic torch.save on rank 0: write a temp file, fsync, then rename over path."""
+    if not is_main_process():
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, **kwargs) -> None:
+    """Load each kwarg's state dict from the checkpoint at ckp_path; fill run_variables (e.g. epoch)."""
+    if not os.path.isfile(ckp_path):
+        return
+    print_main(f"Found checkpoint at {ckp_path}")
+    checkpoint = torch_load(ckp_path)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in checkpoint:
+            raise InputError(f"{ckp_path}: no key {key!r}; it has: {', '.join(checkpoint)}")
+        value.load_state_dict(checkpoint[key])
+        print_main(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
+    for var_name in run_variables or {}:
+        if var_name in checkpoint:
+            run_variables[var_name] = checkpoint[var_name]
+
+
+# ============ data ============
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderSkipBad:
+    """torchvision ImageFolder that survives unreadable images.
+
+    A file that fails to decode is reported once (naming it), remembered, and
+    replaced by the next readable image, so a corrupt JPEG cannot end a long run.
+    The set of bad files lives in shared memory, so DataLoader workers share it and
+    `num_skipped()` in the main process counts them all.
+    """
+
+    def __init__(self, root: str, transform=None):
+        from torchvision.datasets import ImageFolder
+        check_image_folder(root)
+        self.folder = ImageFolder(root, transform=None, is_valid_file=_has_image_extension)
+        self.transform = transform
+        self.samples, self.targets, self.classes = self.folder.samples, self.folder.targets, self.folder.classes
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            if self.bad[i]:
+                continue
+            path, target = self.samples[i]
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f).convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.bad[i] = True
+                print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise InputError(f"no readable image in {self.folder.root}")
+
+    def num_skipped(self) -> int:
+        return int(self.bad.sum())
+
+
+def _has_image_extension(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def check_image_folder(root: str) -> None:
+    """One-line errors for a folder that is missing, empty, or has no class subfolders with images."""
+    if not os.path.isdir(root):
+        raise InputError(f"data folder {root}: does not exist")
+    classes = [d.name for d in os.scandir(root) if d.is_dir()]
+    if not classes:
+        loose = any(_has_image_extension(f) for f in os.listdir(root))
+        raise InputError(f"data folder {root}: no class subfolders" +
+                                (" (images must sit in <root>/<class>/, not in the root)" if loose else " (empty)"))
+    for c in classes:
+        for _, _, files in os.walk(os.path.join(root, c), followlinks=True):
+            if any(_has_image_extension(f) for f in files):
+                return
+    raise InputError(f"data folder {root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class subfolders")
+
+
+# ============ schedules ============
+
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warmup from start_warmup_value, then cosine from base_value to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+# ============ augmentation ============
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with radius U(radius_min, radius_max), applied with probability p."""
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization:
+    """PIL solarization (invert pixels >= 128) with probability p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class DataAugmentationDINO:
+    """Multi-crop augmentation of the paper: 2 global crops and local_crops_number local crops per image.
+
+    Global crop 1 is always blurred; global crop 2 is blurred with p=0.1 and solarized
+    with p=0.2; local crops are blurred with p=0.5 (BYOL's asymmetric recipe).
+    """
+
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number: int,
+                 global_crops_size: int = 224, local_crops_size: int = 96):
+        from torchvision import transforms
+        bicubic = transforms.InterpolationMode.BICUBIC
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                                   p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.global_transfo1 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(1.0), normalize])
+        self.global_transfo2 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
+
+    def __call__(self, image) -> list:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
+        return crops
+
+
+# ============ loss and teacher ============
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone over all crops, grouped by resolution, then the head once on every feature.
+
+    Consecutive crops of the same size are concatenated into one backbone batch
+    (2 global crops, then the local crops), so each resolution costs one forward pass.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()  # no classifier on top of the features
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        if not isinstance(x, (list, tuple)):
+            x = [x]
+        sizes = [inp.shape[-1] for inp in x]
+        outputs, start = [], 0
+        for end in range(1, len(x) + 1):  # group runs of equal resolution
+            if end == len(x) or sizes[end] != sizes[start]:
+                out = self.backbone(torch.cat(x[start:end]))
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+                start = end
+        return self.head(torch.cat(outputs))
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student, over all cross-view pairs."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9):
+        super().__init__()
+        if warmup_teacher_temp_epochs > nepochs:
+            raise InputError(f"--warmup_teacher_temp_epochs {warmup_teacher_temp_epochs} is more than "
+                             f"--epochs {nepochs}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # teacher temperature: linear warmup, then constant (a too high temperature early makes training unstable)
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """student_output: (ncrops * B, K); teacher_output: (2 * B, K), global crops only."""
+        # one log-softmax per student crop, reused for both teacher crops
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+
+        total_loss, n_loss_terms = 0.0, 0
+        for iq, q in enumerate(teacher_p):
+            for v, logp in enumerate(student_logp):
+                if v == iq:
+                    continue  # the student never predicts the teacher's output on the same view
+                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
+                n_loss_terms += 1
+        self.update_center(teacher_output)
+        return total_loss / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the batch mean of teacher outputs, the mean taken over every process."""
+        batch_center = all_reduce_sum(torch.sum(teacher_output.float(), dim=0, keepdim=True))
+        batch_center = batch_center / (len(teacher_output) * get_world_size())
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """EMA of the student's parameters into the teacher's: teacher = m * teacher + (1 - m) * student."""
+    s_params = [p.detach() for p in student.parameters()]
+    t_params = [p.detach() for p in teacher.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    """True if any module is a batch norm (then the teacher needs SyncBatchNorm and DDP too)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# ============ optimisation ============
+
+
+def get_params_groups(model: nn.Module) -> list:
+    """Two groups: weights with weight decay; biases and all 1-D parameters (norms) without."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm `clip` on its own (not the global norm); return the norms.
+
+    Per-parameter clipping as the original; foreach kernels and no host sync.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the head's last-layer gradients during the first freeze_last_layer epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al.): SGD with momentum and a layer-wise trust ratio; 1-D parameters get neither decay nor ratio."""
+
+    def __init__(self, params, lr: float = 0, weight_decay: float = 0, momentum: float = 0.9, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_optimizer(name: str, params_groups: list) -> torch.optim.Optimizer:
+    """adamw, sgd (momentum 0.9) or lars; lr and weight decay are set every iteration by the schedules."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9, foreach=True)
+    if name == "lars":
+        return LARS(params_groups)
+    raise InputError(f"unknown --optimizer {name!r}; valid: adamw, sgd, lars")
+
+
+# ============ logging ============
+
+
+class SmoothedValue:
+    """A series of values with its median and average over a window and globally."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.6f} ({global_avg:.6f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over processes (the window stays local)."""
+        t = all_reduce_sum(torch.tensor([self.count, self.total], dtype=torch.float64))
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else float("nan")
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else float("nan")
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues and an iterator wrapper that prints progress, time per iteration and ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            self.meters[k].update(v.item() if torch.is_tensor(v) else float(v))
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'MetricLogger' object has no attribute {attr!r}")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq: int, header: str = ""):
+        n = len(iterable)
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(n))
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == n - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (n - i - 1)))
+                mem = (f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+                       if torch.cuda.is_available() else "")
+                print_main(f"{header} [{i:>{width}}/{n}]  eta: {eta}  {self}  "
+                           f"time: {iter_time}  data: {data_time}{mem}")
+            end = time.time()
+        total = time.time() - start
+        print_main(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)")
+
+
+def append_log(output_dir: str, stats: dict) -> None:
+    """Append one JSON object to output_dir/log.txt on rank 0."""
+    if is_main_process() and output_dir:
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def git_description() -> str:
+    """sha and dirty state of the code, for the log (empty outside a git checkout)."""
+    cwd = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD"], cwd=cwd, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"sha: {sha}{', uncommitted changes' if dirty else ''}" if sha else ""
+
