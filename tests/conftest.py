@@ -1,0 +1,72 @@
+"""Shared fixtures: no network, small generated ImageFolders, running the real scripts."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (loopback stays allowed for process groups)."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1", "")) \
+                or self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        raise OSError(f"network access in a test: connect to {address}")
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host in (None, "localhost", "127.0.0.1", "::1", "") or str(host).startswith("127."):
+            return real_getaddrinfo(host, *args, **kwargs)
+        raise OSError(f"network access in a test: resolve {host}")
+
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+
+
+def make_image_folder(root, n_classes=3, per_class=8, size=32, seed=0, ext="png"):
+    """Class c: images of a distinct colour plus noise, so the classes are easy to tell apart."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(n_classes, 3))
+    for c in range(n_classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-40, 40, size=(size, size, 3))
+            img = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.{ext}"))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A 3-class, 24-image ImageFolder of 32x32 PNGs."""
+    return make_image_folder(str(tmp_path / "data"))
+
+
+def script_env(**extra):
+    """Environment for a script subprocess: CPU only, quiet threads, no launcher variables leaking in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(args, timeout=600, check=True, env=None, cwd=REPO):
+    """Run `python <args>` from the repository root; return the CompletedProcess (stdout+stderr as text)."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env or script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
+    return proc
