@@ -285,9 +285,9 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
     for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
         it = len(data_loader) * epoch + i  # global training iteration
         for j, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = lr_schedule[it]
+            param_group["lr"] = float(lr_schedule[it])  # python floats: the checkpoint stays weights_only-loadable
             if j == 0:  # only the first group is regularized
-                param_group["weight_decay"] = wd_schedule[it]
+                param_group["weight_decay"] = float(wd_schedule[it])
 
         images = [im.to(args.device, non_blocking=True) for im in images]
         with torch.autocast(**autocast):
