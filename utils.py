@@ -137,6 +137,41 @@ def fix_random_seeds(seed: int = 31) -> None:
     random.seed(seed)
 
 
+class LocalWrapper(nn.Module):
+    """Stands in for DistributedDataParallel in one process, so `.module` and the `module.` keys are the same."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def wrap_ddp(model: nn.Module, args) -> nn.Module:
+    """DistributedDataParallel with peers, LocalWrapper alone: either way the state dict keys start with `module.`."""
+    if args.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    return LocalWrapper(model)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the same-shaped tensors of all processes, in rank order; t itself in one process."""
+    if not is_dist_avail_and_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def shutdown_distributed() -> None:
+    """Wait for every process, then leave the process group, so no rank exits while a peer still talks to it."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ============ command-line flags ============
 
 
@@ -176,6 +211,15 @@ def add_distributed_args(parser: argparse.ArgumentParser, num_workers: int = 10)
                         help="Please ignore and do not set this argument.")
 
 
+def add_eval_size_args(parser: argparse.ArgumentParser) -> None:
+    """--resize_size and --crop_size of the evaluation transform (256 and 224 as the paper; smaller for small images)."""
+    parser.add_argument("--resize_size", default=256, type=int, help="""Evaluation images are resized (bicubic)
+        so that their shorter side is this many pixels, then center-cropped; 256 as the paper.""")
+    parser.add_argument("--crop_size", default=224, type=int, help="""Side of the center crop of evaluation images
+        (and of the random-resized crops that train a linear classifier); 224 as the paper. For small images such as
+        Fashion-MNIST's 28x28 use e.g. --resize_size 32 --crop_size 28.""")
+
+
 # ============ checkpoints and weights ============
 
 PUBLISHED_URL = "https://dl.fbaipublicfiles.com/dino/"
@@ -208,14 +252,14 @@ def torch_load(path: str, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def download_weights(url: str) -> dict:
-    """torch.hub download (cached under TORCH_HOME) with a one-line error when offline."""
+def download_weights(url: str, flag: str = "--pretrained_weights") -> dict:
+    """torch.hub download (cached under TORCH_HOME) with a one-line error when offline, naming the flag to use."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except OSError as e:  # URLError, socket errors, HTTP errors are all OSErrors
         raise InputError(f"could not download {url} ({e}); download it by hand and give its path "
-                           f"with --pretrained_weights") from None
+                           f"with {flag}") from None
 
 
 def extract_backbone_state_dict(state_dict: dict, checkpoint_key: str = "teacher", source: str = "") -> dict:
@@ -371,6 +415,92 @@ def check_image_folder(root: str) -> None:
             if any(_has_image_extension(f) for f in files):
                 return
     raise InputError(f"data folder {root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class subfolders")
+
+
+# ============ evaluation ============
+
+
+def eval_transform(resize_size: int = 256, crop_size: int = 224):
+    """The paper's evaluation transform: Resize(resize_size, bicubic), CenterCrop(crop_size), ImageNet normalisation."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def _eval_image_folder(root: str, transform) -> ImageFolderSkipBad:
+    try:
+        return ImageFolderSkipBad(root, transform=transform)
+    except FileNotFoundError as e:  # torchvision: a class folder without any image
+        raise InputError(f"data folder {root}: {e}") from None
+
+
+def build_eval_datasets(data_path: str, train_transform, val_transform, need_train: bool = True):
+    """(train, val) ImageFolderSkipBad datasets of data_path/train/ and data_path/val/ with the same classes.
+
+    One-line errors for a missing folder and for val/ classes that differ from train/'s;
+    with need_train False, train/ may be missing and (None, val) is returned.
+    """
+    if not os.path.isdir(data_path):
+        raise InputError(f"--data_path {data_path}: no such folder (it must hold train/ and val/ ImageFolders)")
+    for split in ("train", "val") if need_train else ("val",):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise InputError(f"--data_path {data_path}: no {split}/ folder (it must hold train/ and val/ "
+                             f"ImageFolders, one subfolder per class)")
+    val = _eval_image_folder(os.path.join(data_path, "val"), val_transform)
+    if not need_train:
+        return None, val
+    train = _eval_image_folder(os.path.join(data_path, "train"), train_transform)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise InputError(f"--data_path {data_path}: val/ has other classes than train/ (train/ {len(train.classes)}, "
+                         f"val/ {len(val.classes)}; only in train/: {', '.join(only_train[:5]) or '-'}"
+                         f"{' ...' if len(only_train) > 5 else ''}; only in val/: {', '.join(only_val[:5]) or '-'}"
+                         f"{' ...' if len(only_val) > 5 else ''})")
+    return train, val
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """The dataset's consecutive batches, in order, dealt round-robin to the processes (batch b to rank b % world).
+
+    No image is repeated or dropped, and each batch is exactly the one a single process
+    would form, so features computed by several processes equal a one-process run's.
+    `num_rounds` is the number of batches of rank 0, the most any rank has.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.num_batches = math.ceil(num_samples / batch_size)
+        self.num_rounds = math.ceil(self.num_batches / world_size)
+
+    def __iter__(self):
+        for b in range(self.rank, self.num_batches, self.world_size):
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)))
+
+    def __len__(self):
+        return len(range(self.rank, self.num_batches, self.world_size))
+
+
+def published_linear_weights_url(arch: str, patch_size: int) -> str:
+    """URL of the published linear classifier of the published backbone: <folder>/<name>_linearweights.pth."""
+    return published_weights_url(arch, patch_size).replace("_pretrain.pth", "_linearweights.pth")
+
+
+def build_frozen_backbone(args) -> nn.Module:
+    """The backbone of --arch/--patch_size with the evaluated weights, in eval mode, without gradients, on args.device.
+
+    Weights: --pretrained_weights with --checkpoint_key, or the published ones for the arch when it is empty.
+    """
+    from vision_transformer import build_model
+    model = build_model(args.arch, patch_size=args.patch_size)
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model.eval().requires_grad_(False)
+    print_main(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    return model.to(args.device)
 
 
 # ============ schedules ============
