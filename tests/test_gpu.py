@@ -1,4 +1,5 @@
 """CUDA paths of training: fp16 with GradScaler, bf16, NCCL. Skipped without a GPU."""
+import math
 import os
 import socket
 
@@ -26,7 +27,7 @@ def test_training_on_gpu(tmp_path, precision):
     assert "device cuda:0" in proc.stdout
     ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert ("fp16_scaler" in ckpt) == (precision == "fp16")
-    assert all(torch.isfinite(r["train_loss"] * torch.ones(1)).all() for r in read_log(out))
+    assert all(math.isfinite(r["train_loss"]) for r in read_log(out))
 
 
 def test_attention_paths_agree_in_half_precision():
