@@ -246,16 +246,35 @@ def published_weights_url(arch: str, patch_size: int) -> str:
     return PUBLISHED_URL + path
 
 
+# The paper's attention figures and videos come from a ViT-S/8 trained 300 epochs, not the 800-epoch one above.
+ATTENTION_FIGURE_BACKBONES = {
+    ("vit_small", 8): "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+}
+
+
+def attention_weights_url(arch: str, patch_size: int) -> str:
+    """URL of the published weights the attention figures use by default: ViT-S/8 300 epochs, else the backbone's."""
+    arch = {"deit_small": "vit_small"}.get(arch, arch)
+    path = ATTENTION_FIGURE_BACKBONES.get((arch, patch_size))
+    return PUBLISHED_URL + path if path else published_weights_url(arch, patch_size)
+
+
+# What the original's full checkpoints pickle besides tensors: args as an argparse.Namespace, and numpy scalars
+# (the learning rate in the optimizer state). Data only: allowing them lets no code run at load time.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, np._core.multiarray.scalar, np.dtype] + \
+    [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+
+
 def torch_load(path: str, map_location="cpu"):
-    """torch.load that never runs code from the file: weights_only, allowing argparse.Namespace (original checkpoints)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """torch.load that never runs code from the file: weights_only, allowing what the original's checkpoints hold."""
+    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def download_weights(url: str, flag: str = "--pretrained_weights") -> dict:
     """torch.hub download (cached under TORCH_HOME) with a one-line error when offline, naming the flag to use."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except OSError as e:  # URLError, socket errors, HTTP errors are all OSErrors
         raise InputError(f"could not download {url} ({e}); download it by hand and give its path "

@@ -231,8 +231,11 @@ class Evil:
 
 def test_torch_load_allows_namespace_but_never_runs_code(tmp_path):
     ok = str(tmp_path / "original.pth")
-    torch.save({"args": argparse.Namespace(arch="vit_small"), "epoch": 3}, ok)
-    assert utils.torch_load(ok)["args"].arch == "vit_small"
+    # as the original wrote them: args pickled as a Namespace, numpy floats in the optimizer state
+    torch.save({"args": argparse.Namespace(arch="vit_small"), "epoch": 3,
+                "optimizer": {"param_groups": [{"lr": np.float64(1e-4), "weight_decay": np.float64(0.04)}]}}, ok)
+    loaded = utils.torch_load(ok)
+    assert loaded["args"].arch == "vit_small" and loaded["optimizer"]["param_groups"][0]["lr"] == 1e-4
     evil = str(tmp_path / "evil.pth")
     torch.save({"x": Evil()}, evil)
     with pytest.raises(pickle.UnpicklingError):
