@@ -1,7 +1,7 @@
 """Everything the DINO scripts share, in fixed sections:
 
 distributed, command-line flags, checkpoints and weights, data, schedules,
-augmentation, loss and teacher, optimisation, logging.
+augmentation, attention maps, loss and teacher, optimisation, logging.
 
 Nothing runs at import: no network, no subprocess, no process group.
 """
@@ -320,15 +320,18 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> N
 
 
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: str, arch: str,
-                            patch_size: int) -> None:
-    """Load backbone weights strictly from a local file or, when pretrained_weights is empty, the published ones."""
+                            patch_size: int, url: str = "") -> None:
+    """Load backbone weights strictly from a local file or, when pretrained_weights is empty, the published ones.
+
+    `url` replaces the published weights of arch and patch size (the attention figures' 300-epoch ViT-S/8).
+    """
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):
             raise InputError(f"--pretrained_weights {pretrained_weights}: no such file")
         state_dict = torch_load(pretrained_weights)
         source = pretrained_weights
     else:
-        url = published_weights_url(arch, patch_size)
+        url = url or published_weights_url(arch, patch_size)
         print_main(f"No --pretrained_weights given: using the published DINO weights {url}")
         state_dict = download_weights(url)
         source = url
@@ -597,6 +600,71 @@ class DataAugmentationDINO:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
         return crops
+
+
+# ============ attention maps ============
+
+
+def build_attention_backbone(args, device: torch.device) -> nn.Module:
+    """The ViT of --arch/--patch_size in eval mode on device, for attention maps.
+
+    Weights: --pretrained_weights with --checkpoint_key, or when it is empty the published
+    weights the paper's figures use (attention_weights_url: the 300-epoch ViT-S/8 for vit_small/8).
+    """
+    from vision_transformer import VIT_ARCHS, build_model
+    if args.arch not in VIT_ARCHS:
+        raise InputError(f"--arch {args.arch}: attention maps need a ViT ({', '.join(VIT_ARCHS)})")
+    model = build_model(args.arch, patch_size=args.patch_size)
+    url = "" if args.pretrained_weights else attention_weights_url(args.arch, args.patch_size)
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, url=url)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def attention_transform(image_size=None):
+    """PIL image to normalised tensor, first resized by torchvision's Resize(image_size) (bilinear) when given.
+
+    image_size: one int (shorter side) or (height, width), as the original attention scripts.
+    """
+    from torchvision import transforms
+    resize = [transforms.Resize(image_size)] if image_size else []
+    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def crop_to_patch_multiple(img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Crop (..., H, W) at the bottom and right so that H and W are multiples of patch_size."""
+    h, w = img.shape[-2:]
+    return img[..., :h - h % patch_size, :w - w % patch_size]
+
+
+@torch.no_grad()
+def cls_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[CLS]-to-patch attention of every head of the last block, (B, heads, H // p, W // p), on the patch grid.
+
+    Each head's full [CLS] row (itself and the N patches) sums to 1; the patches alone a little less.
+    """
+    p = model.patch_embed.patch_size
+    attn = model.get_last_selfattention(images)  # (B, heads, 1 + N, 1 + N)
+    B, nh = attn.shape[:2]
+    return attn[:, :, 0, 1:].reshape(B, nh, images.shape[-2] // p, images.shape[-1] // p)
+
+
+def attention_mass_mask(attentions: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per map (last two dims), the smallest set of patches holding a fraction `threshold` of its attention mass.
+
+    As the original: sort ascending, normalise, keep the patches whose cumulative mass
+    exceeds 1 - threshold, i.e. the largest values until they hold `threshold` of the mass.
+    """
+    flat = attentions.flatten(-2)  # (..., N)
+    val, idx = torch.sort(flat, dim=-1)
+    val = val / val.sum(dim=-1, keepdim=True)
+    keep_sorted = torch.cumsum(val, dim=-1) > (1 - threshold)
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, idx, keep_sorted)  # back to patch order
+    return mask.reshape(attentions.shape)
+
+
+def upsample_patches(maps: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, h, w) patch-grid maps to (B, C, h * p, w * p) pixels, nearest neighbour (each patch a flat square)."""
+    return F.interpolate(maps.float(), scale_factor=patch_size, mode="nearest")
 
 
 # ============ loss and teacher ============

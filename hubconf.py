@@ -1,0 +1,102 @@
+"""torch.hub entry points: the published DINO backbones in one line.
+
+    import torch
+    model = torch.hub.load("facebookresearch/dino:main", "dino_vits16")   # or a local checkout:
+    model = torch.hub.load("/path/to/this/repo", "dino_vits16", source="local")
+    model = torch.hub.load("/path/to/this/repo", "dino_vitb8", source="local", pretrained=False)
+
+Each entry point is `name(pretrained=True, **kwargs)`; kwargs go to the model's constructor.
+Importing this file touches no network: only pretrained=True downloads, once, into
+torch.hub.get_dir()/checkpoints (under $TORCH_HOME), and weights always load strictly.
+The XCiT models are built by the facebookresearch/xcit hub repository, fetched on first use.
+"""
+import os
+
+import torch
+import torchvision
+
+import utils
+import vision_transformer
+
+dependencies = ["torch", "torchvision"]
+
+
+def _load_published(model: torch.nn.Module, url: str, entrypoint: str) -> torch.nn.Module:
+    """Download (or take from the hub cache) the published state dict at url and load it strictly."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
+        raise RuntimeError(f"{entrypoint}: could not download {url} ({e}); without network, place that file at "
+                           f"{cached}, or call {entrypoint}(pretrained=False) and load weights yourself") from None
+    utils.load_state_dict_strict(model, state_dict, cached)
+    return model
+
+
+def _vit(entrypoint: str, arch: str, patch_size: int, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    model = vision_transformer.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
+    if pretrained:
+        _load_published(model, utils.published_weights_url(arch, patch_size), entrypoint)
+    return model
+
+
+def _xcit(entrypoint: str, name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    try:
+        model = torch.hub.load("facebookresearch/xcit:main", name, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ImportError) as e:  # offline, or the xcit repo's own dependency (timm) missing
+        raise RuntimeError(f"{entrypoint}: the XCiT model comes from the facebookresearch/xcit hub repository, which "
+                           f"could not be loaded ({e}); it needs the network once (then it is cached in "
+                           f"{torch.hub.get_dir()}) and the timm package") from None
+    if pretrained:
+        _load_published(model, utils.published_weights_url(name, None), entrypoint)
+    return model
+
+
+def dino_vits16(pretrained=True, **kwargs):
+    """ViT-Small/16 trained with DINO on ImageNet (k-NN 74.5%, linear 77.0%); forward gives the 384-d [CLS] feature."""
+    return _vit("dino_vits16", "vit_small", 16, pretrained, kwargs)
+
+
+def dino_vits8(pretrained=True, **kwargs):
+    """ViT-Small/8 trained with DINO on ImageNet (k-NN 78.3%, linear 79.7%); forward gives the 384-d [CLS] feature."""
+    return _vit("dino_vits8", "vit_small", 8, pretrained, kwargs)
+
+
+def dino_vitb16(pretrained=True, **kwargs):
+    """ViT-Base/16 trained with DINO on ImageNet (k-NN 76.1%, linear 78.2%); forward gives the 768-d [CLS] feature."""
+    return _vit("dino_vitb16", "vit_base", 16, pretrained, kwargs)
+
+
+def dino_vitb8(pretrained=True, **kwargs):
+    """ViT-Base/8 trained with DINO on ImageNet (k-NN 77.4%, linear 80.1%); forward gives the 768-d [CLS] feature."""
+    return _vit("dino_vitb8", "vit_base", 8, pretrained, kwargs)
+
+
+def dino_resnet50(pretrained=True, **kwargs):
+    """ResNet-50 trained with DINO on ImageNet (k-NN 67.5%, linear 75.3%); fc is identity: 2048-d pooled feature."""
+    model = torchvision.models.resnet50(weights=None, **kwargs)
+    model.fc = torch.nn.Identity()  # the published weights have no classifier
+    model.embed_dim = 2048
+    if pretrained:
+        _load_published(model, utils.published_weights_url("resnet50", None), "dino_resnet50")
+    return model
+
+
+def dino_xcit_small_12_p16(pretrained=True, **kwargs):
+    """XCiT-Small-12/16 trained with DINO on ImageNet (model code from the facebookresearch/xcit hub)."""
+    return _xcit("dino_xcit_small_12_p16", "xcit_small_12_p16", pretrained, kwargs)
+
+
+def dino_xcit_small_12_p8(pretrained=True, **kwargs):
+    """XCiT-Small-12/8 trained with DINO on ImageNet (model code from the facebookresearch/xcit hub)."""
+    return _xcit("dino_xcit_small_12_p8", "xcit_small_12_p8", pretrained, kwargs)
+
+
+def dino_xcit_medium_24_p16(pretrained=True, **kwargs):
+    """XCiT-Medium-24/16 trained with DINO on ImageNet (model code from the facebookresearch/xcit hub)."""
+    return _xcit("dino_xcit_medium_24_p16", "xcit_medium_24_p16", pretrained, kwargs)
+
+
+def dino_xcit_medium_24_p8(pretrained=True, **kwargs):
+    """XCiT-Medium-24/8 trained with DINO on ImageNet (model code from the facebookresearch/xcit hub)."""
+    return _xcit("dino_xcit_medium_24_p8", "xcit_medium_24_p8", pretrained, kwargs)

@@ -1,0 +1,273 @@
+"""Attention videos: the [CLS] self-attention of a DINO ViT's last layer on every frame of a video.
+
+    # a video: frames go to output/frames/, attention images to output/attention/, the video to output/video.mp4
+    python video_generation.py --input_path clip.mp4 --output_path output/ --resize 480
+    # a folder of frames (any of .jpg .png ...; taken in natural order: frame-2 before frame-10)
+    python video_generation.py --input_path frames/ --output_path output/ --pretrained_weights checkpoint.pth
+    # only assemble a video from a folder of images
+    python video_generation.py --video_only --input_path output/attention/ --output_path output/ --fps 25
+
+Each attention image is the mean over heads of the attention maps, each head kept on the
+smallest set of patches that holds --threshold of its attention mass (--threshold 1 keeps
+everything), coloured with matplotlib's inferno. Frames go through the model --batch_size at
+a time, on the GPU when there is one. The video has the input's frames in the input's order,
+at the input's frame rate unless --fps is given.
+"""
+import argparse
+import os
+import re
+import time
+
+import cv2
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+
+import utils
+
+FOURCC = {"mp4": "mp4v", "avi": "XVID"}
+
+
+class DefaultFps(float):
+    """The --fps default (30.0), told apart from a value given on the command line, which wins over the input's."""
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Generation self-attention video", add_help=False)
+    utils.add_model_args(parser, patch_size=8)
+    utils.add_weights_args(parser)
+    parser.add_argument("--input_path", default=None, type=str, help="""A video file (its frames are extracted to
+        <output_path>/frames), or a folder of frames; with --video_only, the folder of images to assemble.""")
+    parser.add_argument("--output_path", default="./", type=str,
+                        help="Where frames/, attention/ and video.<video_format> are written.")
+    parser.add_argument("--threshold", default=0.6, type=float, help="""Keep each head's attention only on the
+        smallest set of patches holding this fraction of its mass; 1 keeps the whole map.""")
+    parser.add_argument("--resize", default=None, type=int, nargs="+", help="""Resize frames before the model sees
+        them: one number sets the shorter side, two are height and width. Memory grows with the square of the number
+        of patches: lower it if you run out of memory (e.g. --resize 480 for 480p).""")
+    parser.add_argument("--video_only", action="store_true",
+                        help="Only assemble a video from the images of --input_path (e.g. an attention/ folder).")
+    parser.add_argument("--fps", default=DefaultFps(30.0), type=float,
+                        help="Frame rate of the output video; default: the input video's, 30 for a folder of images.")
+    parser.add_argument("--video_format", default="mp4", type=str, choices=["mp4", "avi"],
+                        help="Container of the output video: mp4 (codec mp4v) or avi (XVID).")
+    parser.add_argument("--batch_size", default=8, type=int, help="""Frames per forward pass. A 480p frame with
+        patch size 8 needs about 2 GB for the last layer's attention matrix: lower it if you run out of memory.""")
+    parser.add_argument("--num_workers", default=4, type=int, help="Processes decoding frames ahead of the model.")
+    return parser
+
+
+def check_args(args) -> None:
+    if not args.input_path:
+        raise utils.InputError("--input_path is required: a video file or a folder of frames")
+    if not os.path.exists(args.input_path):
+        raise utils.InputError(f"--input_path {args.input_path}: no such file or folder")
+    if args.video_only and not os.path.isdir(args.input_path):
+        raise utils.InputError(f"--video_only: --input_path {args.input_path} must be a folder of images")
+    if args.resize is not None and (not 1 <= len(args.resize) <= 2 or min(args.resize) < 1):
+        raise utils.InputError(f"--resize {' '.join(map(str, args.resize))}: give one size (shorter side) "
+                               f"or two (height width), positive")
+    if not 0 < args.threshold <= 1:
+        raise utils.InputError(f"--threshold {args.threshold}: must be in (0, 1], the fraction of attention mass kept")
+    if args.fps <= 0 or args.batch_size < 1 or args.num_workers < 0:
+        raise utils.InputError("--fps and --batch_size must be positive, --num_workers at least 0")
+
+
+def main(args):
+    check_args(args)
+    os.makedirs(args.output_path, exist_ok=True)
+    video_path = os.path.join(args.output_path, f"video.{args.video_format}")
+    given_fps = None if isinstance(args.fps, DefaultFps) else args.fps
+
+    if args.video_only:
+        # ============ assembling the video ... ============
+        images = list_images(args.input_path)
+        check_same_size(images, args.input_path)
+        write_video((np.array(Image.open(p).convert("RGB")) for p in images), video_path, args.fps)
+        return
+
+    # ============ checking frames ... ============
+    frames = None  # a folder is checked before any work; a video's frames are extracted after the model loads
+    if os.path.isdir(args.input_path):
+        frames = list_images(args.input_path)
+        if args.resize is None or len(args.resize) == 1:  # one size in, one size out: a video has one frame size
+            check_same_size(frames, args.input_path)
+
+    # ============ building network ... ============
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = utils.build_attention_backbone(args, device)
+
+    # ============ extracting frames ... ============
+    input_fps = None
+    if frames is None:
+        frames, input_fps = extract_frames(args.input_path, os.path.join(args.output_path, "frames"))
+
+    # ============ attention images and video ... ============
+    attention_dir = os.path.join(args.output_path, "attention")
+    os.makedirs(attention_dir, exist_ok=True)
+    write_video(attention_images(model, frames, attention_dir, device, args), video_path,
+                given_fps or input_fps or args.fps)
+
+
+def natural_key(name: str) -> list:
+    """Sort key reading digit runs as numbers, so frame-9 comes before frame-10 (and frame-9999 before frame-10000)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_images(folder: str) -> list:
+    """The image files of folder in natural order; one-line errors for an empty folder or a file that is no image."""
+    names = [n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    others = [n for n in names if not n.lower().endswith(utils.IMG_EXTENSIONS)]
+    if others:
+        raise utils.InputError(f"--input_path {folder}: {others[0]} is not an image ({len(others)} such files); "
+                               f"the folder must hold only frames ({', '.join(utils.IMG_EXTENSIONS)})")
+    if not names:
+        raise utils.InputError(f"--input_path {folder}: no images in this folder")
+    names.sort(key=natural_key)
+    stems = [os.path.splitext(n)[0] for n in names]
+    if len(set(stems)) < len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise utils.InputError(f"--input_path {folder}: several frames are named {dup}.* (their attention images "
+                               f"would overwrite each other)")
+    return [os.path.join(folder, n) for n in names]
+
+
+def image_size(path: str) -> tuple:
+    """(width, height) from the file header, with a one-line error for a file that is not a readable image."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise utils.InputError(f"{path}: not a readable image ({e})") from None
+
+
+def check_same_size(paths: list, source: str) -> None:
+    """Every frame of a video has one size: say which frame differs (before any work is done)."""
+    first = image_size(paths[0])
+    for p in paths[1:]:
+        size = image_size(p)
+        if size != first:
+            raise utils.InputError(f"{source}: frames differ in size: {os.path.basename(p)} is {size[0]}x{size[1]}, "
+                                   f"{os.path.basename(paths[0])} {first[0]}x{first[1]} (give --resize HEIGHT WIDTH)")
+
+
+def extract_frames(video: str, frames_dir: str):
+    """Every frame of the video as frames_dir/frame-0000.jpg, ... ; returns their paths and the video's frame rate."""
+    if video.lower().endswith(utils.IMG_EXTENSIONS):
+        raise utils.InputError(f"--input_path {video}: an image, not a video (for one image use "
+                               f"visualize_attention.py; for frames give their folder)")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own lines would bury our one-line error
+    capture = cv2.VideoCapture(video)
+    if not capture.isOpened():
+        raise utils.InputError(f"--input_path {video}: OpenCV cannot read this video (unknown format or damaged file)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    os.makedirs(frames_dir, exist_ok=True)
+    old = [n for n in os.listdir(frames_dir) if n.lower().endswith(utils.IMG_EXTENSIONS)]
+    paths = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        path = os.path.join(frames_dir, f"frame-{len(paths):04d}.jpg")
+        if not cv2.imwrite(path, frame):
+            raise utils.InputError(f"could not write {path}")
+        paths.append(path)
+    capture.release()
+    if not paths:
+        raise utils.InputError(f"--input_path {video}: no frame could be decoded (unknown format or damaged file)")
+    fps = fps if fps > 0 and np.isfinite(fps) else None
+    print(f"Video {video}: {len(paths)} frames at {fps or 'unknown'} fps extracted to {frames_dir}")
+    stale = len(set(old) - {os.path.basename(p) for p in paths})
+    if stale:
+        print(f"Note: {frames_dir} also holds {stale} older images; only the {len(paths)} frames just extracted are used")
+    return paths, fps
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Frames as normalised tensors, resized as --resize asks and cropped to a multiple of the patch size."""
+
+    def __init__(self, paths: list, resize, patch_size: int):
+        self.paths, self.patch_size = paths, patch_size
+        self.transform = utils.attention_transform(resize)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        """The frame's tensor, or the one-line error message when it cannot be decoded (raised by the reader)."""
+        try:
+            with Image.open(self.paths[i]) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return f"{self.paths[i]}: not a readable image ({e})"
+        return utils.crop_to_patch_multiple(self.transform(img), self.patch_size)
+
+
+def attention_images(model, frames: list, attention_dir: str, device: torch.device, args):
+    """Yield, frame by frame and in order, the RGB attention image, also saved as attention_dir/attn-<frame>.jpg."""
+    # a worker's exception would come back as a multi-line traceback: frames that fail to decode come as messages
+    loader = torch.utils.data.DataLoader(FrameDataset(frames, args.resize, args.patch_size),
+                                         batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=list, pin_memory=device.type == "cuda")
+    cmap = matplotlib.colormaps["inferno"]
+    start, model_time, done = time.time(), 0.0, 0
+    for b, items in enumerate(loader):
+        errors = [x for x in items if isinstance(x, str)]
+        if errors:
+            raise utils.InputError(errors[0])
+        t = time.time()
+        attentions = utils.cls_attention_maps(model, torch.stack(items).to(device, non_blocking=True))
+        masks = utils.attention_mass_mask(attentions, args.threshold)  # (B, heads, h, w), like attentions
+        maps = (attentions * masks).mean(dim=1, keepdim=True)  # (B, 1, h, w): mean over heads of the kept mass
+        maps = utils.upsample_patches(maps, args.patch_size)[:, 0].cpu().numpy()  # (B, H, W)
+        model_time += time.time() - t
+        for attention in maps:
+            rgb = colorize(attention, cmap)
+            stem = os.path.splitext(os.path.basename(frames[done]))[0]
+            Image.fromarray(rgb).save(os.path.join(attention_dir, f"attn-{stem}.jpg"))
+            done += 1
+            yield rgb
+        if b % 10 == 0 or done == len(frames):
+            print(f"attention: {done}/{len(frames)} frames")
+    total = time.time() - start
+    print(f"Attention images of {done} frames in {attention_dir}: {total:.1f} s, {done / total:.2f} frames/s "
+          f"({done / model_time:.2f} frames/s in the model, on {device})")
+
+
+def colorize(attention: np.ndarray, cmap) -> np.ndarray:
+    """(H, W) floats to (H, W, 3) uint8 through the colour map, scaled from the map's min to its max (as plt.imsave)."""
+    lo, hi = float(attention.min()), float(attention.max())
+    scaled = (attention - lo) / (hi - lo) if hi > lo else np.zeros_like(attention)
+    return cmap(scaled, bytes=True)[..., :3]
+
+
+def write_video(images, video_path: str, fps: float) -> None:
+    """Write RGB frames (an iterable of (H, W, 3) uint8 of one size) as a video; a partial file never replaces one."""
+    ext = os.path.splitext(video_path)[1]
+    tmp = f"{video_path[:-len(ext)]}.partial{ext}"  # the extension picks the container
+    writer, count, size = None, 0, None
+    try:
+        for rgb in images:
+            if writer is None:
+                size = (rgb.shape[1], rgb.shape[0])
+                writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*FOURCC[ext[1:]]), fps, size)
+                if not writer.isOpened():
+                    raise utils.InputError(f"OpenCV cannot write {ext[1:]} videos here ({video_path})")
+            writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            count += 1
+        if writer is None:
+            raise utils.InputError(f"no frames to write to {video_path}")
+        writer.release()
+        os.replace(tmp, video_path)
+    finally:
+        if writer is not None:
+            writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"Video {video_path}: {count} frames of {size[0]}x{size[1]} at {fps:g} fps")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("Generation self-attention video", parents=[get_args_parser()])
+    utils.run_main(main, parser.parse_args())

@@ -1,0 +1,182 @@
+"""Self-attention maps of a DINO ViT: what the [CLS] token of the last layer looks at, head by head.
+
+    # the paper's ViT-S/8 (300 epochs, downloaded once) on a photo that ships with scikit-image
+    python visualize_attention.py --output_dir attention/
+    # your photo and checkpoint, with masks that keep 60% of each head's attention mass
+    python visualize_attention.py --arch vit_small --patch_size 16 --pretrained_weights output/checkpoint.pth \
+        --image_path photo.jpg --image_size 480 --threshold 0.6 --output_dir attention/
+
+Writes to --output_dir: img.png (the input as the model saw it: resized, cropped to a multiple
+of the patch size), attn-head{i}.png for each head, overview.png (the input and every head side
+by side) and, with --threshold t, mask_th{t}_head{i}.png (each head's mask drawn over the input).
+"""
+import argparse
+import colorsys
+import os
+
+import matplotlib.image
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Polygon
+from PIL import Image
+
+import utils
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Visualize Self-Attention maps", add_help=False)
+    utils.add_model_args(parser, patch_size=8)
+    utils.add_weights_args(parser)
+    parser.add_argument("--image_path", default=None, type=str,
+                        help="Image to look at; by default the photo 'chelsea' (a cat) that ships with scikit-image.")
+    parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+", help="""Resize the image before the
+        model sees it: one number sets the shorter side, two numbers are height and width. The patch grid, and with it
+        the memory, grows with the square of the size: lower it if you run out of memory.""")
+    parser.add_argument("--output_dir", default=".", type=str, help="Where the figures are written.")
+    parser.add_argument("--threshold", default=None, type=float, help="""Also write masks that keep, for each head,
+        the smallest set of patches holding this fraction of its attention mass (0.6 in the paper's figures).""")
+    return parser
+
+
+def check_args(args) -> None:
+    if not 1 <= len(args.image_size) <= 2 or min(args.image_size) < 1:
+        raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: give one size (shorter side) "
+                               f"or two (height width), positive")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise utils.InputError(f"--threshold {args.threshold}: must be in (0, 1], the fraction of attention mass kept")
+
+
+def load_image(image_path) -> Image.Image:
+    """The image at image_path as RGB, or scikit-image's photo of a cat when no path is given (works offline)."""
+    if image_path is None:
+        from skimage import data
+        print("No --image_path given: using the photo 'chelsea' that ships with scikit-image.")
+        return Image.fromarray(data.chelsea()).convert("RGB")
+    if not os.path.isfile(image_path):
+        raise utils.InputError(f"--image_path {image_path}: no such file")
+    try:
+        with Image.open(image_path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise utils.InputError(f"--image_path {image_path}: not a readable image ({e})") from None
+
+
+def main(args):
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ============ building network ... ============
+    model = utils.build_attention_backbone(args, device)
+
+    # ============ preparing image ... ============
+    img = utils.attention_transform(args.image_size)(load_image(args.image_path))
+    img = utils.crop_to_patch_multiple(img, args.patch_size)  # (3, H, W), H and W multiples of the patch size
+    if min(img.shape[-2:]) == 0:
+        raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: the image is smaller than one "
+                               f"{args.patch_size}x{args.patch_size} patch")
+
+    # ============ computing attention ... ============
+    attentions = utils.cls_attention_maps(model, img[None].to(device))  # (1, heads, h, w)
+    masks = utils.attention_mass_mask(attentions, args.threshold) if args.threshold is not None else None
+    print(f"Image {img.shape[-2]}x{img.shape[-1]}: {attentions.shape[1]} heads on a "
+          f"{attentions.shape[2]}x{attentions.shape[3]} patch grid")
+
+    # ============ writing figures ... ============
+    os.makedirs(args.output_dir, exist_ok=True)
+    attentions = utils.upsample_patches(attentions, args.patch_size)[0].cpu().numpy()  # (heads, H, W)
+    masks = utils.upsample_patches(masks, args.patch_size)[0].cpu().numpy() if masks is not None else None
+    save_figures(img, attentions, masks, args)
+
+
+def save_figures(img: torch.Tensor, attentions: np.ndarray, masks, args) -> None:
+    """img.png, attn-head{j}.png, the masks with --threshold, and overview.png."""
+    import torchvision
+    img_path = os.path.join(args.output_dir, "img.png")
+    torchvision.utils.save_image(torchvision.utils.make_grid(img[None], normalize=True, scale_each=True), img_path)
+    print(f"{img_path} saved.")
+    for j, attention in enumerate(attentions):
+        fname = os.path.join(args.output_dir, f"attn-head{j}.png")
+        matplotlib.image.imsave(fname=fname, arr=attention, format="png")
+        print(f"{fname} saved.")
+
+    image = np.array(Image.open(img_path).convert("RGB"))  # the masks are drawn over img.png, as saved
+    if masks is not None:
+        for j, mask in enumerate(masks):
+            fname = os.path.join(args.output_dir, f"mask_th{args.threshold}_head{j}.png")
+            save_mask_figure(image, mask, fname)
+            print(f"{fname} saved.")
+    fname = os.path.join(args.output_dir, "overview.png")
+    save_overview(image, attentions, masks, fname)
+    print(f"{fname} saved.")
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, color, alpha: float = 0.5) -> np.ndarray:
+    """Blend colour into the uint8 RGB image where mask is 1: image * (1 - alpha) + alpha * 255 * colour."""
+    out = image.astype(np.float64)
+    for c in range(3):
+        out[:, :, c] = out[:, :, c] * (1 - alpha * mask) + alpha * mask * color[c] * 255
+    return out.astype(np.uint8)
+
+
+def draw_mask(ax, image: np.ndarray, mask: np.ndarray, color) -> None:
+    """The image with the mask blended in and its contours drawn, on axes whose data units are pixels."""
+    from skimage.measure import find_contours
+    ax.imshow(overlay_mask(image, mask, color), interpolation="nearest")
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2))  # padding closes the contours at the borders
+    padded[1:-1, 1:-1] = mask
+    for verts in find_contours(padded, 0.5):
+        ax.add_patch(Polygon(np.fliplr(verts) - 1, facecolor="none", edgecolor=color))  # (row, col) to (x, y)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    ax.set_axis_off()
+
+
+def save_mask_figure(image: np.ndarray, mask: np.ndarray, fname: str, color=(1.0, 0.0, 0.0)) -> None:
+    """One head's mask over the image, as a PNG of the image's own size (one figure pixel per image pixel).
+
+    The original drew a fixed 5x5-inch figure, stretching non-square images; its one random
+    colour for one mask was always red, which we keep.
+    """
+    dpi = 100
+    fig = Figure(figsize=(image.shape[1] / dpi, image.shape[0] / dpi), dpi=dpi, frameon=False)
+    draw_mask(fig.add_axes((0, 0, 1, 1)), image, mask, color)
+    fig.savefig(fname, dpi=dpi)
+
+
+def head_colors(n: int) -> list:
+    """n bright colours evenly spread over the hue circle."""
+    return [colorsys.hsv_to_rgb(i / n, 1.0, 1.0) for i in range(n)]
+
+
+def save_overview(image: np.ndarray, attentions: np.ndarray, masks, fname: str) -> None:
+    """The input and every head's attention side by side; with masks, a second row: all heads' masks, then each."""
+    nh = len(attentions)
+    rows = 1 if masks is None else 2
+    height = 2.5 * image.shape[0] / image.shape[1]
+    fig = Figure(figsize=(2.5 * (nh + 1), (height + 0.4) * rows), dpi=100)
+    axes = fig.subplots(rows, nh + 1, squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image")
+    for j in range(nh):
+        axes[0, j + 1].imshow(attentions[j], interpolation="nearest")
+        axes[0, j + 1].set_title(f"head {j}")
+    if masks is not None:
+        colors = head_colors(nh)
+        combined = image
+        for j in range(nh):
+            combined = overlay_mask(combined, masks[j], colors[j], alpha=0.5 / nh ** 0.5)
+        axes[1, 0].imshow(combined)
+        axes[1, 0].set_title("all heads")
+        for j in range(nh):
+            draw_mask(axes[1, j + 1], image, masks[j], colors[j])
+            axes[1, j + 1].set_title(f"mask head {j}")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(fname)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[get_args_parser()])
+    utils.run_main(main, parser.parse_args())
