@@ -43,7 +43,7 @@ NEVER_STARTS = {
 def get_args_parser():
     parser = argparse.ArgumentParser("Submitit for DINO", parents=[main_dino.get_args_parser()], add_help=False)
     parser.add_argument("--ngpus", default=8, type=int,
-                        help="Number of GPUs to request on each node; 0 for CPU-only nodes (then see --tasks_per_node).")
+                        help="GPUs to request on each node; 0 for CPU-only nodes (then see --tasks_per_node).")
     parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request.")
     parser.add_argument("--timeout", default=2800, type=int, help="""Duration of the job in minutes. Slurm warns
         the job --signal_delay_s seconds before the end; it is then requeued and resumes from its last checkpoint.""")
@@ -68,7 +68,7 @@ def get_args_parser():
     parser.add_argument("--job_dir", default="", type=str, help="""Folder for submitit's job files and the
         per-task logs (default: <output_dir>/submitit). Every node must see it: it is on a shared file system.""")
     parser.add_argument("--cluster", default="slurm", choices=["slurm", "local"],
-                        help="slurm: submit with sbatch; local: run the job on this machine with submitit's local executor.")
+                        help="slurm: submit with sbatch; local: run the job here with submitit's local executor.")
     return parser
 
 
@@ -94,13 +94,15 @@ class Trainer:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU-only job: no task picks up a GPU the node may have
         os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
                           LOCAL_RANK=str(job_env.local_rank))
-        args.dist_url = rendezvous_file(job_env.paths.folder, job_env.job_id, self.requeues).as_uri()
+        if args.dist_url == "env://":  # the default: no launcher sets MASTER_ADDR here; any other URL is kept
+            args.dist_url = rendezvous_file(job_env.paths.folder, job_env.job_id, self.requeues).as_uri()
         # Slurm signals every process of the job, DataLoader workers included, and forked workers inherit
         # submitit's handler: left alone, a worker of rank 0 would checkpoint and requeue the job a second time
         os.register_at_fork(after_in_child=ignore_requeue_signal)
         print(f"| task {job_env.global_rank} of {job_env.num_tasks}: job {job_env.job_id} on {job_env.hostname}, "
               f"node {job_env.node} of {job_env.num_nodes}, local rank {job_env.local_rank}", flush=True)
         main_dino.main(args)
+        ignore_requeue_signal()  # training is over: a late timeout signal must not requeue the finished job
 
     def checkpoint(self):
         output_dir = self.args.output_dir.replace("%j", str(submitit.JobEnvironment().job_id))
@@ -109,7 +111,7 @@ class Trainer:
 
 
 def ignore_requeue_signal() -> None:
-    """In a child process (a DataLoader worker): ignore the signal on which submitit checkpoints and requeues."""
+    """Ignore the signal on which submitit checkpoints and requeues (in DataLoader workers; after training)."""
     signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
 
 
@@ -249,16 +251,25 @@ def check_job_can_start(job_id: str, args, wait_s: float = 15.0) -> None:
         state, reason = job.get("JobState", ""), job.get("Reason", "None")
         if reason in NEVER_STARTS:
             subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=60)
-            nodes = subprocess.run(["sinfo", "-h", "-p", args.partition, "-o", "%D nodes of %c CPUs, %m MB, gres %G, "
-                                    "time limit %l"], capture_output=True, text=True, timeout=60).stdout
-            raise utils.InputError(
-                f"job {job_id} can never start on partition {args.partition} (Slurm: {reason}, {NEVER_STARTS[reason]}), "
-                f"so it was cancelled. Asked: --nodes {args.nodes} x {tasks_per_node(args)} tasks x --cpus_per_task "
-                f"{args.cpus_per_task}, --ngpus {args.ngpus}, --timeout {args.timeout}; the partition has: "
-                f"{'; '.join(nodes.split(chr(10))).strip('; ') or 'no nodes'}")
+            raise utils.InputError(f"job {job_id} can never start on partition {args.partition} (Slurm: {reason}, "
+                                   f"{NEVER_STARTS[reason]}), so it was cancelled. Asked: {resources_asked(args)}; "
+                                   f"the partition has: {partition_nodes(args.partition)}")
         if (state and state != "PENDING") or reason != "None" or time.time() > deadline:
             return
         time.sleep(0.5)
+
+
+def resources_asked(args) -> str:
+    mem = slurm_parameters(args).get("mem", "the default memory")
+    return (f"{args.nodes} nodes x {tasks_per_node(args)} tasks x {args.cpus_per_task} CPUs, {args.ngpus} GPUs and "
+            f"{mem} per node, for {args.timeout} minutes")
+
+
+def partition_nodes(partition: str) -> str:
+    """sinfo's summary of a partition: node count, CPUs, memory, GPUs and time limit per kind of node."""
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D nodes of %c CPUs, %m MB, gres %G, time limit %l"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return "; ".join(line for line in out.splitlines() if line) or "no nodes"
 
 
 def main(args):

@@ -138,4 +138,5 @@ for _ in $(seq 60); do
 done
 node_ready || fail "node $HOST is not ready: $(sinfo -N -o '%N %T %E' 2>&1 | tr '\n' ' ') \
 (logs: $LOG_DIR/slurmctld.log, $LOG_DIR/slurmd.log)"
-say "Slurm is up: partitions debug and short (5 minutes), node $HOST ($(sinfo -h -N -n "$HOST" -o '%c CPUs, %m MB' | head -n1))"
+say "Slurm is up: partitions debug and short (5 minutes) on node $HOST" \
+    "($(sinfo -h -N -n "$HOST" -o '%c CPUs, %m MB' | head -n1))"
