@@ -189,9 +189,9 @@ def add_model_args(parser: argparse.ArgumentParser, patch_size: int = 16) -> Non
     parser.add_argument("--arch", default="vit_small", type=str,
                         help="""Name of architecture: vit_tiny, vit_small, vit_base (deit_tiny and deit_small are
         aliases), any torchvision model name such as resnet50, or an XCiT name from the facebookresearch/xcit hub.""")
-    parser.add_argument("--patch_size", default=patch_size, type=int, help="""Size in pixels of input square
-        patches - default 16 (for 16x16 patches). Using smaller values leads to better performance but requires
-        more memory. Applies only for ViTs (vit_tiny, vit_small and vit_base).""")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help=f"""Size in pixels of input square
+        patches - default {patch_size} (for {patch_size}x{patch_size} patches). Using smaller values leads to better
+        performance but requires more memory. Applies only for ViTs (vit_tiny, vit_small and vit_base).""")
 
 
 def add_weights_args(parser: argparse.ArgumentParser) -> None:

@@ -65,6 +65,8 @@ def check_args(args) -> None:
         raise utils.InputError(f"--input_path {args.input_path}: no such file or folder")
     if args.video_only and not os.path.isdir(args.input_path):
         raise utils.InputError(f"--video_only: --input_path {args.input_path} must be a folder of images")
+    if args.video_only and args.resize:
+        raise utils.InputError("--resize sets the size the model sees; --video_only assembles images as they are")
     if args.resize is not None and (not 1 <= len(args.resize) <= 2 or min(args.resize) < 1):
         raise utils.InputError(f"--resize {' '.join(map(str, args.resize))}: give one size (shorter side) "
                                f"or two (height width), positive")
@@ -204,20 +206,27 @@ class FrameDataset(torch.utils.data.Dataset):
         return utils.crop_to_patch_multiple(self.transform(img), self.patch_size)
 
 
+def collate_frames(items: list):
+    """The batch's frames stacked, or the message of a frame that failed to decode.
+
+    Raised in a DataLoader worker, the error would come back as a multi-line traceback.
+    """
+    errors = [x for x in items if isinstance(x, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
 def attention_images(model, frames: list, attention_dir: str, device: torch.device, args):
     """Yield, frame by frame and in order, the RGB attention image, also saved as attention_dir/attn-<frame>.jpg."""
-    # a worker's exception would come back as a multi-line traceback: frames that fail to decode come as messages
     loader = torch.utils.data.DataLoader(FrameDataset(frames, args.resize, args.patch_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=list, pin_memory=device.type == "cuda")
+                                         collate_fn=collate_frames, pin_memory=device.type == "cuda")
     cmap = matplotlib.colormaps["inferno"]
     start, model_time, done = time.time(), 0.0, 0
-    for b, items in enumerate(loader):
-        errors = [x for x in items if isinstance(x, str)]
-        if errors:
-            raise utils.InputError(errors[0])
+    for b, batch in enumerate(loader):
+        if isinstance(batch, str):
+            raise utils.InputError(batch)
         t = time.time()
-        attentions = utils.cls_attention_maps(model, torch.stack(items).to(device, non_blocking=True))
+        attentions = utils.cls_attention_maps(model, batch.to(device, non_blocking=True))
         masks = utils.attention_mass_mask(attentions, args.threshold)  # (B, heads, h, w), like attentions
         maps = (attentions * masks).mean(dim=1, keepdim=True)  # (B, 1, h, w): mean over heads of the kept mass
         maps = utils.upsample_patches(maps, args.patch_size)[:, 0].cpu().numpy()  # (B, H, W)

@@ -66,15 +66,15 @@ def main(args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # ============ building network ... ============
-    model = utils.build_attention_backbone(args, device)
-
     # ============ preparing image ... ============
     img = utils.attention_transform(args.image_size)(load_image(args.image_path))
     img = utils.crop_to_patch_multiple(img, args.patch_size)  # (3, H, W), H and W multiples of the patch size
     if min(img.shape[-2:]) == 0:
         raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: the image is smaller than one "
                                f"{args.patch_size}x{args.patch_size} patch")
+
+    # ============ building network ... ============
+    model = utils.build_attention_backbone(args, device)
 
     # ============ computing attention ... ============
     attentions = utils.cls_attention_maps(model, img[None].to(device))  # (1, heads, h, w)

@@ -217,6 +217,11 @@ def bad_input(tmp_path, kind):
         (folder / "notes.txt").write_text("hello")
     if kind == "corrupt":
         (folder / "a.jpg").write_text("not a jpeg")
+    if kind == "truncated":  # the header reads, the pixels do not: found when the frame is decoded for the model
+        for name in ("a.jpg", "b.jpg"):
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(folder / name)
+        data = (folder / "b.jpg").read_bytes()
+        (folder / "b.jpg").write_bytes(data[:len(data) // 2])
     return str(folder)
 
 
@@ -227,7 +232,9 @@ def bad_input(tmp_path, kind):
     ("notes", {}, "notes.txt is not an image (1 such files)"),
     ("mixed", {}, "frames differ in size: b.png is 48x32, a.png 32x32"),
     ("corrupt", {}, "a.jpg: not a readable image"),
+    ("truncated", {"num_workers": 1}, "b.jpg: not a readable image (image file is truncated"),
     ("missing", {}, "no such file or folder"),
+    ("empty", {"video_only": True, "resize": [64]}, "--video_only assembles images as they are"),
     ("garbage.mp4", {"video_only": True}, "--video_only: --input_path"),
     ("empty", {"input_path": None}, "--input_path is required"),
     ("empty", {"threshold": 0.0}, "--threshold 0.0: must be in (0, 1]"),
