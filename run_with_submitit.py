@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import submitit
@@ -79,9 +80,9 @@ class Trainer:
     to requeue; it resumes from output_dir/checkpoint.pth, written at the end of every epoch.
     """
 
-    def __init__(self, args, requeues: int = 0):
+    def __init__(self, args):
         self.args = args
-        self.requeues = requeues
+        self.run_id = uuid.uuid4().hex[:12]  # new at each submission and each requeue through checkpoint()
 
     def __call__(self):
         job_env = submitit.JobEnvironment()
@@ -95,7 +96,7 @@ class Trainer:
         os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
                           LOCAL_RANK=str(job_env.local_rank))
         if args.dist_url == "env://":  # the default: no launcher sets MASTER_ADDR here; any other URL is kept
-            args.dist_url = rendezvous_file(job_env.paths.folder, job_env.job_id, self.requeues).as_uri()
+            args.dist_url = rendezvous_file(job_env.paths.folder, job_env.job_id, self.run_id).as_uri()
         # Slurm signals every process of the job, DataLoader workers included, and forked workers inherit
         # submitit's handler: left alone, a worker of rank 0 would checkpoint and requeue the job a second time
         os.register_at_fork(after_in_child=ignore_requeue_signal)
@@ -107,7 +108,7 @@ class Trainer:
     def checkpoint(self):
         output_dir = self.args.output_dir.replace("%j", str(submitit.JobEnvironment().job_id))
         print(f"Requeuing the job: it resumes from {os.path.join(output_dir, 'checkpoint.pth')}", flush=True)
-        return submitit.helpers.DelayedSubmission(Trainer(self.args, self.requeues + 1))
+        return submitit.helpers.DelayedSubmission(Trainer(self.args))
 
 
 def ignore_requeue_signal() -> None:
@@ -115,17 +116,17 @@ def ignore_requeue_signal() -> None:
     signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
 
 
-def rendezvous_file(job_folder, job_id: str, requeues: int) -> Path:
+def rendezvous_file(job_folder, job_id: str, run_id: str) -> Path:
     """The file through which the job's tasks find each other (torch.distributed's file:// init).
 
     No TCP port is chosen, so none can clash: gloo and NCCL then connect through ports the kernel gives
-    them. The name is unique to this job and this run of it: a requeued job (same job id) counts one more
-    Slurm restart (SLURM_RESTART_COUNT, also after a requeue by `scontrol requeue`) and, when submitit
-    requeued it, one more checkpoint (the only count the local executor has), so it never meets the
-    stale file of its previous run.
+    them. The name is unique to this job and this run of it, so it never meets a stale file: a requeued job
+    (same job id) has a new run_id when submitit requeued it (the only change the local executor shows) and
+    one more Slurm restart (SLURM_RESTART_COUNT, also after `scontrol requeue` or a preemption); run_id
+    also tells apart two jobs of one id in one folder (a cluster whose job ids started over).
     """
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return Path(job_folder) / f"{job_id}_rendezvous_restart{restarts}_requeue{requeues}"
+    return Path(job_folder) / f"{job_id}_rendezvous_{run_id}_restart{restarts}"
 
 
 def resolve_paths(args) -> None:

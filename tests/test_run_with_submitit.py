@@ -137,15 +137,16 @@ def test_bad_flags_fail_before_anything_is_queued(flags, message, image_folder, 
 
 def test_rendezvous_file_is_unique_to_a_job_and_each_of_its_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    first = run_with_submitit.rendezvous_file(tmp_path, "41", requeues=0)
-    assert first == run_with_submitit.rendezvous_file(tmp_path, "41", requeues=0)  # every task agrees
-    names = {first, run_with_submitit.rendezvous_file(tmp_path, "42", requeues=0),  # another job on the node
-             run_with_submitit.rendezvous_file(tmp_path, "41", requeues=1)}  # requeued by submitit, local executor
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued by Slurm (scontrol requeue, preemption)
-    names.add(run_with_submitit.rendezvous_file(tmp_path, "41", requeues=0))
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued by Slurm after a submitit requeue
-    names.add(run_with_submitit.rendezvous_file(tmp_path, "41", requeues=1))
-    assert len(names) == 5 and all(p.parent == tmp_path for p in names)
+    first = run_with_submitit.rendezvous_file(tmp_path, "41", "a1")
+    assert first == run_with_submitit.rendezvous_file(tmp_path, "41", "a1")  # every task of the run agrees
+    names = {first, run_with_submitit.rendezvous_file(tmp_path, "42", "b2"),  # another job on the node
+             run_with_submitit.rendezvous_file(tmp_path, "41", "c3")}  # requeued by submitit (new Trainer)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued by Slurm alone (scontrol requeue, preemption)
+    names.add(run_with_submitit.rendezvous_file(tmp_path, "41", "a1"))
+    assert len(names) == 4 and all(p.parent == tmp_path for p in names)
+    # each submission and each requeue through checkpoint() gets its own run id
+    args = parse([])
+    assert len({run_with_submitit.Trainer(args).run_id for _ in range(3)}) == 3
 
 
 def test_trainer_sets_up_the_task_from_the_job_environment(tmp_path, monkeypatch):
@@ -164,7 +165,7 @@ def test_trainer_sets_up_the_task_from_the_job_environment(tmp_path, monkeypatch
 
     args = parse(["--ngpus", "0", "--output_dir", str(tmp_path / "run_%j")])
     del args.seed  # as if main_dino gained --seed after the job was submitted
-    trainer = run_with_submitit.Trainer(args, requeues=2)
+    trainer = run_with_submitit.Trainer(args)
     previous_handler = signal.getsignal(signal.SIGUSR2)
     try:
         trainer()
@@ -175,14 +176,14 @@ def test_trainer_sets_up_the_task_from_the_job_environment(tmp_path, monkeypatch
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
     assert job_args.output_dir == str(tmp_path / "run_77")
-    assert job_args.dist_url == (tmp_path / "jobs" / "77_rendezvous_restart0_requeue2").as_uri()
+    assert job_args.dist_url == (tmp_path / "jobs" / f"77_rendezvous_{trainer.run_id}_restart0").as_uri()
     assert job_args.seed == 0
     assert at_fork == [{"after_in_child": run_with_submitit.ignore_requeue_signal}]
     assert trainer.args.output_dir == str(tmp_path / "run_%j") and not hasattr(trainer.args, "seed")
 
     requeued = trainer.checkpoint()  # what submitit pickles for the requeued job: the same flags, one more requeue
     assert isinstance(requeued.function, run_with_submitit.Trainer)
-    assert requeued.function.requeues == 3 and requeued.function.args is args
+    assert requeued.function.args is args and requeued.function.run_id != trainer.run_id
 
     args.dist_url = "tcp://10.0.0.1:23456"  # a URL the user gave is kept
     try:
@@ -257,7 +258,8 @@ def slurm():
         out = subprocess.run(["sinfo", "-h", "-o", "%P %c %a"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"sinfo failed ({e}): is the Slurm cluster running? (tests/slurm/start_local_cluster.sh)")
-    partitions = {p.rstrip("*"): (int(c), a) for p, c, a in (line.split() for line in out.stdout.splitlines())}
+    rows = [line.split() for line in out.stdout.splitlines()]
+    partitions = {p.rstrip("*"): (int(c.rstrip("+")), a) for p, c, a in rows}  # "debug*" is the default, "2+" CPUs
     if out.returncode != 0 or partitions.get("debug", (0, ""))[0] < 2 or "short" not in partitions:
         pytest.skip(f"no Slurm partitions debug (>= 2 CPUs) and short here (sinfo: {out.stdout or out.stderr!r}); "
                     f"start them with tests/slurm/start_local_cluster.sh")
@@ -322,7 +324,7 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, tmp_path):
     """
     data = make_image_folder(str(tmp_path / "data"), per_class=8)
     out = str(tmp_path / "out")
-    job_id = submitted_job_id(run_script(tiny_flags(data, out, epochs=4, num_workers=1)))
+    job_id = submitted_job_id(run_script(tiny_flags(data, out, epochs=3, num_workers=1)))
     log = os.path.join(out, "log.txt")
 
     def epochs_done():
@@ -344,22 +346,29 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, tmp_path):
     assert rank0.count(f"Found checkpoint at {out}/checkpoint.pth") == 2
     epochs = [s["epoch"] for s in read_log(out)]
     # each epoch trained once (a killed run may finish the epoch it was in before SIGKILL): resumed, not restarted
-    assert epochs == sorted(set(epochs)) and epochs[0] == 0 and epochs[-1] == 3, epochs
-    assert utils.torch_load(os.path.join(out, "checkpoint.pth"))["epoch"] == 4
-    rendezvous = sorted(p for p in os.listdir(os.path.join(out, "submitit")) if "_rendezvous_" in p)
-    assert rendezvous == [f"{job_id}_rendezvous_restart{r}_requeue{q}" for r, q in ((0, 0), (1, 1), (2, 1))]
+    assert epochs == sorted(set(epochs)) and epochs[0] == 0 and epochs[-1] == 2, epochs
+    assert utils.torch_load(os.path.join(out, "checkpoint.pth"))["epoch"] == 3
+    # one rendezvous file per run: the second run has a new run id (checkpoint) and restart count, the third
+    # (scontrol requeue) the same run id and a new restart count
+    runs = sorted(re.fullmatch(rf"{job_id}_rendezvous_(\w+)_restart(\d)", p).groups()[::-1]
+                  for p in os.listdir(os.path.join(out, "submitit")) if "_rendezvous_" in p)
+    assert [r for r, _ in runs] == ["0", "1", "2"] and runs[0][1] != runs[1][1] == runs[2][1], runs
 
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("flags, expected", [
-    ({"partition": "nosuchpartition"}, r"sbatch refused the job: invalid partition specified: nosuchpartition"),
-    ({"tasks_per_node": 3}, r"job (\d+) can never start on partition debug \(Slurm: PartitionConfig"),
-    ({"cpus_per_task": 10}, r"job (\d+) can never start on partition debug \(Slurm: PartitionConfig"),
-    ({"partition": "short", "timeout": 10}, r"job (\d+) can never start on partition short .*time limit 5:00"),
-])
+    (lambda cpus: {"partition": "nosuchpartition"},
+     r"sbatch refused the job: invalid partition specified: nosuchpartition"),
+    (lambda cpus: {"tasks_per_node": cpus + 1},  # more tasks than the node has CPUs
+     r"job (\d+) can never start on partition debug \(Slurm: PartitionConfig"),
+    (lambda cpus: {"cpus_per_task": cpus},  # 2 tasks of all the node's CPUs each
+     r"job (\d+) can never start on partition debug \(Slurm: PartitionConfig"),
+    (lambda cpus: {"partition": "short", "timeout": 10},  # above the partition's 5 minutes
+     r"job (\d+) can never start on partition short .*time limit 5:00"),
+], ids=["no-such-partition", "more-tasks-than-cpus", "more-cpus-than-the-node", "timeout-above-partition-limit"])
 def test_slurm_impossible_request_is_a_clear_error(slurm, flags, expected, image_folder, tmp_path):
     out = str(tmp_path / "out")
-    proc = run_script(tiny_flags(image_folder, out, **flags), check=False)
+    proc = run_script(tiny_flags(image_folder, out, **flags(slurm["debug"][0])), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

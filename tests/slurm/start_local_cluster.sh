@@ -88,11 +88,11 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG_DIR/jobcomp.log
 ReturnToService=2
 # finished jobs stay visible to scontrol for 10 minutes; processes get 5 s between SIGTERM and SIGKILL;
-# a requeued job may start again after 10 s (Slurm waits the credential lifetime, 120 s by default) and the
+# a requeued job may start again after 5 s (Slurm waits the credential lifetime, 120 s by default) and the
 # scheduler looks at the queue every 2 s besides each submission (60 s and 30 s by default)
 MinJobAge=600
 KillWait=5
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 SchedulerParameters=sched_interval=2,bf_interval=2
 $NODE_LINE State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
