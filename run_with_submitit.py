@@ -20,6 +20,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -223,13 +224,15 @@ def submit(executor, trainer):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr before raising
-            return executor.submit(trainer)
+            job = executor.submit(trainer)
     except submitit.core.utils.FailedJobError as e:
         for path in set(folder.iterdir()) - before:  # the pickle and script of a job that does not exist
             path.unlink()
         lines = [line.strip().removeprefix("sbatch: error: ") for line in (str(e) or captured.getvalue()).splitlines()]
         message = "; ".join(line for line in lines if line)
         raise utils.InputError(f"sbatch refused the job: {message}") from None
+    sys.stderr.write(captured.getvalue())  # warnings of a successful submission are the user's to see
+    return job
 
 
 def scontrol_job(job_id: str) -> dict:

@@ -29,7 +29,7 @@ node_ready() {  # the controller answers and this host's node takes jobs
 }
 
 [ "$(id -u)" = 0 ] || fail "must run as root (it installs packages and starts daemons)"
-HOST=$(hostname -s)
+HOST=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)  # the short name slurmd knows itself by
 [ -n "$HOST" ] || fail "this machine has no host name"
 
 # ============ packages ============
