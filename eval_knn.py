@@ -106,7 +106,8 @@ def extract_features(model, dataset, args, storage: torch.device):
     """
     sampler = utils.ShardedBatchSampler(len(dataset), args.batch_size_per_gpu, args.rank, args.world_size)
     data_loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                              pin_memory=args.device.type == "cuda")
+                                              pin_memory=args.device.type == "cuda",
+                                              multiprocessing_context=utils.worker_start_method(args.num_workers))
     batch_size, dim = args.batch_size_per_gpu, model.embed_dim
     features = torch.zeros(len(dataset), dim, device=storage)
     readable = torch.zeros(len(dataset), dtype=torch.bool, device=storage)

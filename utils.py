@@ -486,6 +486,20 @@ def build_eval_datasets(data_path: str, train_transform, val_transform, need_tra
     return train, val
 
 
+def worker_start_method(num_workers: int):
+    """How DataLoader workers start: 'forkserver' where the platform has it, None (the default) without workers.
+
+    Forking the main process itself can deadlock the new worker when another thread holds a
+    lock at that instant (pytorch/pytorch#130610): here the queue threads of the previous
+    loader still exiting, or the process group's threads. The fork server is a fresh, single-
+    threaded process that imported the script once, so workers still start fast.
+    """
+    import multiprocessing
+    if num_workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    return "forkserver"
+
+
 class ShardedBatchSampler(torch.utils.data.Sampler):
     """The dataset's consecutive batches, in order, dealt round-robin to the processes (batch b to rank b % world).
 

@@ -14,12 +14,21 @@ from PIL import Image
 
 import eval_knn
 import utils
-from conftest import run_script, script_env
+from conftest import run_script
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 5, 6, 3  # 5 classes (not 1000), 15 test images (fewer than 100)
 IMAGE, RESIZE, CROP = 40, 36, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as the scripts get in subprocesses: the 2 cores are shared with other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_split(root, colours, per_class, rng):
@@ -174,17 +183,18 @@ def test_two_processes_equal_one(setup, tmp_path):
     shutil.copytree(root / "data", tmp_path / "data")
     (tmp_path / "data" / "train" / "class2" / "broken.jpg").write_bytes(b"not a jpeg")
     common = ["--arch", "vit_tiny", "--pretrained_weights", root / "backbone.pth", "--data_path", tmp_path / "data",
-              "--num_workers", "1", "--resize_size", RESIZE, "--crop_size", CROP, "--batch_size_per_gpu", 7,
-              "--nb_knn", 1, 3, 10]
-    one = run_script(["eval_knn.py", *common, "--dump_features", tmp_path / "one"])
+              "--resize_size", RESIZE, "--crop_size", CROP, "--batch_size_per_gpu", 7, "--nb_knn", 1, 3, 10]
+    one = run_script(["eval_knn.py", *common, "--num_workers", 0, "--dump_features", tmp_path / "one"])
+    # a loader worker per process: the unreadable image is flagged in a worker and counted in the main process
     two = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                      "eval_knn.py", *common, "--dump_features", tmp_path / "two"], env=script_env())
+                      "eval_knn.py", *common, "--num_workers", 1, "--dump_features", tmp_path / "two"])
     for name in eval_knn.FEATURE_FILES:
         a, b = torch.load(tmp_path / "one" / name), torch.load(tmp_path / "two" / name)
         assert torch.equal(a, b), name
     assert len(torch.load(tmp_path / "one" / "trainfeat.pth")) == N_CLASSES * TRAIN_PER_CLASS  # broken one left out
     assert parse_results(one.stdout) == parse_results(two.stdout) and len(parse_results(one.stdout)) == 3
     assert "1 unreadable images" in one.stdout and "broken.jpg" in one.stderr
+    assert "1 unreadable images" in two.stdout and "broken.jpg" in two.stderr
     assert "world size 2" in two.stdout
 
 
