@@ -293,8 +293,12 @@ def build_model(arch: str, *, patch_size: int = 16, drop_path_rate: float = 0.0)
     if arch in VIT_ARCHS:
         return VIT_ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate)
     if arch.startswith("xcit"):
-        model = torch.hub.load("facebookresearch/xcit:main", arch, num_classes=0,
-                               drop_path_rate=drop_path_rate)
+        try:
+            model = torch.hub.load("facebookresearch/xcit:main", arch, num_classes=0,
+                                   drop_path_rate=drop_path_rate)
+        except (OSError, RuntimeError, ImportError) as e:  # offline, unknown entrypoint, timm missing
+            raise UnknownArchError(f"--arch {arch}: could not load it from the facebookresearch/xcit torch.hub "
+                                   f"repository ({type(e).__name__}: {e})") from None
         return model  # XCiT models carry embed_dim themselves
     names = torchvision_arch_names()
     if arch in names:

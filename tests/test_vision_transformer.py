@@ -162,3 +162,10 @@ def test_torchvision_convnet_without_classifier():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(UnknownArchError, match=r"unknown --arch 'vit_huge'.*vit_small.*resnet50"):
         build_model("vit_huge")
+
+
+def test_xcit_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached hub repository
+    with pytest.raises(UnknownArchError, match="--arch xcit_small_12_p16: could not load it from the "
+                                               "facebookresearch/xcit"):
+        build_model("xcit_small_12_p16")
