@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen DINO features (paper Sec. 4.1, the voting of Wu et al. 2018).
+"""Weighted k-NN classification of frozen DINO features (paper Sec. 3.2, the voting of Wu et al. 2018).
 
     # the published ViT-S/16 (downloaded once into TORCH_HOME), one GPU or the CPU, no launcher
     python eval_knn.py --arch vit_small --patch_size 16 --data_path /path/to/imagenet

@@ -1,4 +1,4 @@
-"""Linear classification on frozen DINO features (paper Sec. 4.1 "Linear and k-NN classification").
+"""Linear classification on frozen DINO features (paper Sec. 3.2, evaluation protocols).
 
     # ViT-S/16 recipe: [CLS] of the last 4 blocks; one GPU or the CPU, no launcher
     python eval_linear.py --arch vit_small --patch_size 16 --n_last_blocks 4 --avgpool_patchtokens false \\

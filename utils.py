@@ -535,7 +535,8 @@ def build_frozen_backbone(args) -> nn.Module:
     model = build_model(args.arch, patch_size=args.patch_size)
     load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     model.eval().requires_grad_(False)
-    print_main(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    patches = f" {args.patch_size}x{args.patch_size}" if hasattr(model, "patch_embed") else ""
+    print_main(f"Model {args.arch}{patches} built.")
     return model.to(args.device)
 
 
