@@ -80,9 +80,10 @@ def _slurm_master_addr() -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
-def slurm_port(job_id: str) -> int:
-    """A port every task of one Slurm job agrees on without talking, distinct between jobs."""
-    return 15000 + int(job_id) % 40000
+def slurm_port(job_id: str, restart_count: str = "0") -> int:
+    """A port every task of one Slurm job agrees on without talking; it differs between jobs (ids 40,000 apart
+    are never on a node together) and between a requeued job and its earlier run, which may still hold its port."""
+    return 15000 + (int(job_id) + 7919 * int(restart_count)) % 40000
 
 
 def init_distributed_mode(args) -> None:
@@ -101,7 +102,8 @@ def init_distributed_mode(args) -> None:
         args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         args.gpu = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"),
+                                                     env.get("SLURM_RESTART_COUNT", "0"))))
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0

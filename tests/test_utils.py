@@ -175,6 +175,24 @@ def test_local_rank_accepts_both_spellings():
     assert parser.parse_args(["--local-rank=2"]).local_rank == 2
 
 
+def test_slurm_step_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(local_rank=0, dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu, str(args.device)) == (0, 1, 0, "cpu")
+    assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(15000 + 123456 % 40000)
+    # a requeued job (same id, next restart) gets another port: the old run's may not be free yet
+    assert utils.slurm_port("123456", "1") != utils.slurm_port("123456", "0")
+    assert len({utils.slurm_port(str(j)) for j in range(1000, 1100)}) == 100
+
+
 # ============ multi-crop ============
 
 
