@@ -34,6 +34,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in test processes, as the script subprocesses get (OMP_NUM_THREADS=1): the tiny models
+    gain nothing from more, and on a busy 2-core machine spinning threads make them many times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_image_folder(root, n_classes=3, per_class=8, size=32, seed=0, ext="png"):
     """Class c: images of a distinct colour plus noise, so the classes are easy to tell apart."""
     rng = np.random.default_rng(seed)

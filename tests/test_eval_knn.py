@@ -22,14 +22,6 @@ N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 5, 6, 3  # 5 classes (not 1000), 15 
 IMAGE, RESIZE, CROP = 40, 36, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the scripts get in subprocesses: the 2 cores are shared with other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_split(root, colours, per_class, rng):
     """One folder per class; class c is colour c plus noise, so the classes are separable."""

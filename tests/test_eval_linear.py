@@ -24,14 +24,6 @@ IMAGE, RESIZE, CROP = 40, 36, 32
 LR, BATCH, EPOCHS = 0.1, 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the scripts get in subprocesses: the 2 cores are shared with other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_split(root, colours, per_class, rng):
     """One folder per class; class c is colour c plus noise, so the classes are separable."""

@@ -19,15 +19,6 @@ ENTRYPOINTS = {"dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_r
                "dino_xcit_small_12_p8", "dino_xcit_medium_24_p16", "dino_xcit_medium_24_p8"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the script subprocesses get (OMP_NUM_THREADS=1): tiny models gain nothing from more,
-    and on a busy 2-core machine spinning threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):

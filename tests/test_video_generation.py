@@ -23,15 +23,6 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 P = 16  # vit_tiny/16 keeps the tests fast; the script's default is vit_small/8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the script subprocesses get (OMP_NUM_THREADS=1): tiny models gain nothing from more,
-    and on a busy 2-core machine spinning threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def clip():

@@ -24,15 +24,6 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 HEADS, P = 3, 16  # vit_tiny/16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the script subprocesses get (OMP_NUM_THREADS=1): tiny models gain nothing from more,
-    and on a busy 2-core machine spinning threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def sharpened_vit_tiny_state(seed=0) -> dict:
     """A vit_tiny/16 state dict whose q and k are scaled up, so attention is peaked as in a trained model."""
