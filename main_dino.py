@@ -83,6 +83,9 @@ def get_args_parser():
     parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
                         help="""Type of optimizer. We recommend using adamw with ViTs.""")
     parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
+    parser.add_argument("--compile", type=utils.bool_flag, default=False, help="""torch.compile the student's
+        and the teacher's backbone and head (static shapes: one graph per crop resolution). Costs a minute or two
+        of compilation at the start of the run.""")
 
     # Multi-crop parameters
     parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
@@ -99,6 +102,11 @@ def get_args_parser():
                         help="Side in pixels of the global crops (224 for ImageNet; smaller for small images).")
     parser.add_argument("--local_crops_size", type=int, default=96,
                         help="Side in pixels of the local crops (96 for ImageNet).")
+    parser.add_argument("--augmentation", default="auto", choices=["auto", "gpu", "cpu"], help="""Where the
+        multi-crop augmentation runs. cpu: the original per-image PIL pipeline in the DataLoader workers. gpu:
+        workers only decode and cut the crops; flip, colour jitter, grayscale, blur, solarization and normalisation
+        run batched on the training device (on a machine without GPU, in the main process). auto: gpu on CUDA,
+        cpu otherwise.""")
 
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
@@ -128,8 +136,14 @@ def check_args(args) -> None:
 
 
 def build_data_loader(args):
-    transform = utils.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                           args.local_crops_number, args.global_crops_size, args.local_crops_size)
+    """Workers yield crops ready for the network (--augmentation cpu) or uint8 crops and their random parameters,
+    which utils.MultiCropOnDevice turns into the same crops on the device (--augmentation gpu)."""
+    crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+                 args.local_crops_size)
+    if args.augmentation == "gpu":
+        transform = utils.MultiCropGeometry(*crop_args)
+    else:
+        transform = utils.DataAugmentationDINO(*crop_args)
     dataset = utils.ImageFolderSkipBad(args.data_path, transform=transform)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed)
@@ -181,6 +195,9 @@ def build_networks(args):
     teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
     for p in teacher.parameters():
         p.requires_grad = False
+    if args.compile:
+        for model in (student.module, teacher_without_ddp):
+            model.compile_parts()
     utils.print_main(f"Student and Teacher are built: they are both {args.arch} network.")
     return student, teacher, teacher_without_ddp
 
@@ -189,6 +206,8 @@ def main(args):
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     check_args(args)
+    if args.augmentation == "auto":  # batching the per-pixel steps pays where a GPU runs them
+        args.augmentation = "gpu" if args.device.type == "cuda" else "cpu"
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
@@ -196,6 +215,7 @@ def main(args):
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
+    augment = utils.MultiCropOnDevice(args.device) if args.augmentation == "gpu" else None
 
     # ============ building student and teacher networks ... ============
     student, teacher, teacher_without_ddp = build_networks(args)
@@ -205,15 +225,10 @@ def main(args):
                                args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
 
     # ============ preparing optimizer and precision ... ============
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
-    on_cuda = args.device.type == "cuda"
-    if args.use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
-        raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
-    if args.use_fp16 and not args.use_bf16 and not on_cuda:
-        utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
-    autocast = dict(device_type=args.device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
-                    enabled=args.use_bf16 or (args.use_fp16 and on_cuda))
-    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not args.use_bf16 and on_cuda)
+    # fused AdamW on CUDA: one kernel for all parameters, and GradScaler skips inf steps without a host sync
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
+                                      fused=args.device.type == "cuda")
+    autocast, fp16_scaler = build_precision(args)
 
     # ============ init schedulers ... ============
     niter = len(data_loader)
@@ -239,9 +254,9 @@ def main(args):
 
         # ============ training one epoch of DINO ... ============
         epoch_start = time.time()
-        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer,
-                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, autocast,
-                                      args)
+        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, augment,
+                                      optimizer, lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler,
+                                      autocast, args)
         epoch_time = time.time() - epoch_start
 
         # ============ writing logs ... ============
@@ -276,7 +291,20 @@ def checkpoint_args(args) -> dict:
             for k, v in vars(args).items()}
 
 
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+def build_precision(args):
+    """torch.autocast's arguments and the GradScaler: bf16 (no scaling), fp16 with scaling (CUDA only) or fp32."""
+    on_cuda = args.device.type == "cuda"
+    if args.use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
+    if args.use_fp16 and not args.use_bf16 and not on_cuda:
+        utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
+    autocast = dict(device_type=args.device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
+                    enabled=args.use_bf16 or (args.use_fp16 and on_cuda))
+    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not args.use_bf16 and on_cuda)
+    return autocast, fp16_scaler
+
+
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, augment, optimizer, lr_schedule,
                     wd_schedule, momentum_schedule, epoch, fp16_scaler, autocast, args):
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
@@ -289,26 +317,14 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
             if j == 0:  # only the first group is regularized
                 param_group["weight_decay"] = float(wd_schedule[it])
 
-        images = [im.to(args.device, non_blocking=True) for im in images]
-        with torch.autocast(**autocast):
-            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
-            student_output = student(images)
-            loss = dino_loss(student_output, teacher_output, epoch)
+        if augment is not None:  # --augmentation gpu: (uint8 crops, their random parameters) from the workers
+            images = augment(*images)
+        else:
+            images = [im.to(args.device, non_blocking=True) for im in images]
+        loss = train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer, fp16_scaler,
+                          autocast, epoch, float(momentum_schedule[it]), args)
 
-        # student update
-        optimizer.zero_grad(set_to_none=True)
-        fp16_scaler.scale(loss).backward()
-        if args.clip_grad:
-            fp16_scaler.unscale_(optimizer)  # unscale the gradients in place before clipping them
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        fp16_scaler.step(optimizer)
-        fp16_scaler.update()
-
-        # EMA update for the teacher
-        utils.update_teacher(student.module, teacher_without_ddp, momentum_schedule[it])
-
-        pending_losses.append(loss.detach())
+        pending_losses.append(loss)
         if i % args.log_freq == 0 or i == last:
             check_losses_finite(pending_losses, args)
             for value in torch.stack(pending_losses).tolist():
@@ -318,6 +334,30 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
     metric_logger.synchronize_between_processes()
     utils.print_main("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer, fp16_scaler, autocast, epoch,
+               momentum, args) -> torch.Tensor:
+    """One DINO iteration on crops already on the device; returns the loss, left on the device (no host sync)."""
+    with torch.autocast(**autocast):
+        with torch.no_grad():
+            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+        student_output = student(images)
+        loss = dino_loss(student_output, teacher_output, epoch)
+
+    # student update
+    optimizer.zero_grad(set_to_none=True)
+    fp16_scaler.scale(loss).backward()
+    if args.clip_grad:
+        fp16_scaler.unscale_(optimizer)  # unscale the gradients in place before clipping them
+        utils.clip_gradients(student, args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    fp16_scaler.step(optimizer)
+    fp16_scaler.update()
+
+    # EMA update for the teacher
+    utils.update_teacher(student.module, teacher_without_ddp, momentum)
+    return loss.detach()
 
 
 def check_losses_finite(losses, args) -> None:
