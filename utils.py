@@ -542,6 +542,108 @@ def build_frozen_backbone(args) -> nn.Module:
     return model.to(args.device)
 
 
+@torch.inference_mode()
+def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
+                     storage: torch.device):
+    """L2-normalised features (N, D) of the dataset's readable images, in dataset order, and their labels (N,).
+
+    The model runs on device and the features are kept on storage. Each process runs the batches
+    ShardedBatchSampler deals it; after every round the batches of all processes are gathered with
+    their indices, so every process ends with all features.
+    An unreadable image is skipped (ImageFolderSkipBad warns) and left out of features and labels.
+    """
+    sampler = ShardedBatchSampler(len(dataset), batch_size, get_rank(), get_world_size())
+    data_loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                              pin_memory=device.type == "cuda",
+                                              multiprocessing_context=worker_start_method(num_workers))
+    dim = model.embed_dim
+    features = torch.zeros(len(dataset), dim, device=storage)
+    readable = torch.zeros(len(dataset), dtype=torch.bool, device=storage)
+    local_batches, local_indices = iter(data_loader), iter(sampler)
+    start = time.time()
+    for r in range(sampler.num_rounds):
+        # every rank takes part in every gather: a rank without a batch this round sends only padding (index -1)
+        feats = torch.zeros(batch_size, dim, device=device)
+        index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        ok = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        idx = next(local_indices, None)
+        if idx is not None:
+            images, _ = next(local_batches)
+            feats[:len(idx)] = model(images.to(device, non_blocking=True)).float()
+            index[:len(idx)] = torch.as_tensor(idx)
+            ok[:len(idx)] = ~dataset.bad[idx].to(device)  # a skipped image was replaced by another one
+        feats, index, ok = all_gather_cat(feats), all_gather_cat(index), all_gather_cat(ok)
+        keep = index >= 0
+        features[index[keep].to(storage)] = feats[keep].to(storage)
+        readable[index[keep].to(storage)] = ok[keep].to(storage)
+        if r % 20 == 0 or r == sampler.num_rounds - 1:
+            print_main(f"  [{r + 1}/{sampler.num_rounds}] batches of {batch_size} x {get_world_size()} "
+                       f"processes, {time.time() - start:.1f}s")
+    elapsed = time.time() - start
+    print_main(f"Extracted {len(dataset)} features in {elapsed:.1f}s "
+                     f"({len(dataset) / elapsed:.1f} images/s, {get_world_size()} processes)")
+    skipped = len(dataset) - int(readable.sum())
+    if skipped:
+        print_main(f"WARNING: {skipped} unreadable images of {dataset.folder.root} skipped")
+        features = features[readable]
+    features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12))  # L2 normalisation in place
+    labels = torch.tensor(dataset.targets, dtype=torch.long, device=storage)[readable]
+    return features, labels
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, nb_knn, T: float, num_classes: int,
+                   test_chunk: int = 0, train_chunk: int = 2**17, rank: int = 0, world_size: int = 1,
+                   comm_device: torch.device = None) -> dict:
+    """{k: (top1, top5)} in percent for each k in nb_knn, features L2-normalised, labels in [0, num_classes).
+
+    For every query, the k training features of highest cosine similarity vote for their
+    labels with weight exp(sim / T); classes are ranked by total vote (ties: lower class index
+    first), top-5 counting the first min(5, k) classes as the original does. Similarities are
+    computed in blocks of test_chunk queries x train_chunk bank rows, keeping a running top-k,
+    so a bank of any size fits in memory; the largest k is searched once and the smaller ks
+    are read from its prefix. Several processes split the query chunks and sum their counts.
+    """
+    n_train = len(train_features)
+    too_big = [k for k in nb_knn if k > n_train]
+    if too_big:
+        print_main(f"WARNING: skipping k = {', '.join(map(str, too_big))}: only {n_train} training images")
+    nb_knn = [k for k in nb_knn if k <= n_train]
+    if not nb_knn:
+        raise InputError(f"--nb_knn: every k is more than the {n_train} training images")
+    max_k = max(nb_knn)
+    train_chunk = min(train_chunk, n_train)
+    test_chunk = test_chunk or max(1, 2**26 // train_chunk)  # at most 64M similarities (256 MB) at a time
+    device = test_features.device
+    correct = torch.zeros(len(nb_knn), 2, dtype=torch.long, device=device)  # (k, [top1, top5])
+    for start in range(rank * test_chunk, len(test_features), test_chunk * world_size):
+        queries = test_features[start:start + test_chunk]  # (c, D)
+        targets = test_labels[start:start + test_chunk]
+        best_sim = torch.empty(len(queries), 0, device=device)
+        best_idx = torch.empty(len(queries), 0, dtype=torch.long, device=device)
+        for t0 in range(0, n_train, train_chunk):
+            sim = queries @ train_features[t0:t0 + train_chunk].T  # (c, train_chunk)
+            sim, idx = sim.topk(min(max_k, sim.shape[1]), dim=1)
+            best_sim, order = torch.cat((best_sim, sim), dim=1).topk(min(max_k, best_sim.shape[1] + sim.shape[1]),
+                                                                     dim=1)
+            best_idx = torch.gather(torch.cat((best_idx, idx + t0), dim=1), 1, order)
+        neighbour_labels = train_labels[best_idx]  # (c, max_k), by decreasing similarity
+        weights = (best_sim / T).exp()
+        for j, k in enumerate(nb_knn):
+            votes = torch.zeros(len(queries), num_classes, dtype=weights.dtype, device=device)
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])  # (c, num_classes)
+            n_top = min(5, k, num_classes)
+            predictions = votes.sort(dim=1, descending=True, stable=True).indices[:, :n_top]
+            hits = predictions == targets[:, None]
+            correct[j, 0] += hits[:, 0].sum()
+            correct[j, 1] += hits.any(dim=1).sum()
+    if world_size > 1:  # the collective runs where the process group's backend wants it (NCCL: the GPU)
+        correct = all_reduce_sum(correct.to(comm_device or device))
+    total = len(test_features)
+    return {k: (100.0 * correct[j, 0].item() / total, 100.0 * correct[j, 1].item() / total)
+            for j, k in enumerate(nb_knn)}
+
+
 # ============ schedules ============
 
 

@@ -99,7 +99,7 @@ def test_knn_classifier_matches_slow_reference(num_classes, n_test, chunks):
     train_labels = torch.randint(0, num_classes, (60,), generator=g)
     test_labels = torch.randint(0, num_classes, (n_test,), generator=g)
     nb_knn = [1, 3, 10, 20, 60]
-    got = eval_knn.knn_classifier(train, train_labels, test, test_labels, nb_knn, 0.07, num_classes,
+    got = utils.knn_classifier(train, train_labels, test, test_labels, nb_knn, 0.07, num_classes,
                                   test_chunk=chunks[0], train_chunk=chunks[1])
     for k in nb_knn:
         want = slow_knn(train, train_labels, test, test_labels, k, 0.07, num_classes)
@@ -108,11 +108,11 @@ def test_knn_classifier_matches_slow_reference(num_classes, n_test, chunks):
 
 def test_knn_classifier_skips_k_larger_than_bank(capsys):
     feats = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    got = eval_knn.knn_classifier(feats, torch.tensor([0, 1, 0, 1]), feats, torch.tensor([0, 1, 0, 1]), [1, 5], 0.07, 2)
+    got = utils.knn_classifier(feats, torch.tensor([0, 1, 0, 1]), feats, torch.tensor([0, 1, 0, 1]), [1, 5], 0.07, 2)
     assert list(got) == [1] and got[1] == (100.0, 100.0)  # each query finds itself
     assert "skipping k = 5: only 4 training images" in capsys.readouterr().out
     with pytest.raises(utils.InputError, match="every k is more than the 4 training images"):
-        eval_knn.knn_classifier(feats, torch.zeros(4, dtype=torch.long), feats, torch.zeros(4, dtype=torch.long),
+        utils.knn_classifier(feats, torch.zeros(4, dtype=torch.long), feats, torch.zeros(4, dtype=torch.long),
                                 [10], 0.07, 2)
 
 
