@@ -17,15 +17,6 @@ from conftest import make_image_folder, run_script
 MEAN, STD = torch.tensor(utils.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(utils.IMAGENET_STD).view(3, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the 2 cores are shared with other tests, and oversubscription costs 5x here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def natural_image(seed=0, size=(64, 48)):
     """Smooth colour fields plus noise, with a flat grey patch and a black one (hue's special cases)."""
     rng = np.random.default_rng(seed)
@@ -54,7 +45,7 @@ def no_op_params(n):
 
 
 def torchvision_reference(img, p, i):
-    """Crop i of the batch through torchvision's functional tensor ops, one call per operation, in the original order."""
+    """Crop i through torchvision's functional tensor ops, one call per operation, in the original order."""
     jitter_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     if p["flip"][i]:
         img = TF.hflip(img)
