@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 import utils
 from vision_transformer import DINOHead, build_model
@@ -29,75 +28,63 @@ def get_args_parser():
 
     # Model parameters
     utils.add_model_args(parser)
-    parser.add_argument("--out_dim", default=65536, type=int, help="""Dimensionality of
-        the DINO head output. For complex and large datasets large values (like 65k) work well.""")
-    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
-                        help="""Whether or not to weight normalize the last layer of the DINO head.
-        Not normalizing leads to better performance but can make the training unstable.
-        In our experiments, we typically set this paramater to False with vit_small and True with vit_base.""")
-    parser.add_argument("--momentum_teacher", default=0.996, type=float, help="""Base EMA
-        parameter for teacher update. The value is increased to 1 during training with cosine schedule.
-        We recommend setting a higher value with small batches: for example use 0.9995 with batch size of 256.""")
+    parser.add_argument("--out_dim", default=65536, type=int, help="""Output size of the DINO head (number of
+        prototypes). Large values such as 65536 suit large, varied datasets like ImageNet; small ones need fewer.""")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag, help="""Fix the norm of the
+        head's last (weight-normalised) layer to 1. Leaving it free gives better features but may destabilise
+        training; the paper's runs free it for vit_small and keep it fixed for vit_base.""")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float, help="""Starting EMA momentum of the
+        teacher; it rises to 1 along a cosine over training. Use a higher value with small total batches
+        (e.g. 0.9995 for a batch of 256).""")
     parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
-                        help="Whether to use batch normalizations in projection head (Default: False)")
+                        help="Batch norms in the projection head's MLP (off by default).")
 
     # Temperature teacher parameters
-    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
-                        help="""Initial value for the teacher temperature: 0.04 works well in most cases.
-        Try decreasing it if the training loss does not decrease.""")
-    parser.add_argument("--teacher_temp", default=0.04, type=float, help="""Final value (after linear warmup)
-        of the teacher temperature. For most experiments, anything above 0.07 is unstable. We recommend
-        starting with the default value of 0.04 and increase this slightly if needed.""")
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="""Teacher temperature at the
+        start of its linear warmup. 0.04 is a good value in most cases; lower it if the loss does not go down.""")
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="""Teacher temperature after the
+        warmup. Values above about 0.07 tend to be unstable; start from 0.04 and raise it slightly if needed.""")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
-                        help="Number of warmup epochs for the teacher temperature (Default: 30).")
+                        help="Epochs of linear warmup of the teacher temperature (the paper's long runs use 30).")
 
     # Training/Optimization parameters
-    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Whether or not
-        to use half precision for training (CUDA only; CPU runs train in fp32). Improves training time and
-        memory requirements, but can provoke instability and slight decay of performance. We recommend
-        disabling mixed precision if the loss is unstable, if reducing the patch size or if training with
-        bigger ViTs.""")
+    parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (float16
+        autocast with loss scaling) on CUDA; CPU runs are fp32. Faster and lighter, but it can make training
+        unstable and cost a little accuracy: turn it off if the loss misbehaves, for smaller patches or larger ViTs.""")
     parser.add_argument("--use_bf16", type=utils.bool_flag, default=False, help="""Autocast to bfloat16
         instead of float16 (no loss scaling needed; Ampere GPUs and newer). Takes precedence over --use_fp16.""")
-    parser.add_argument("--weight_decay", type=float, default=0.04, help="""Initial value of the
-        weight decay. With ViT, a smaller value at the beginning of training works well.""")
-    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Final value of the
-        weight decay. We use a cosine schedule for WD and using a larger decay by
-        the end of training improves performance for ViTs.""")
-    parser.add_argument("--clip_grad", type=float, default=3.0, help="""Maximal parameter
-        gradient norm if using gradient clipping. Clipping with norm .3 ~ 1.0 can
-        help optimization for larger ViT architectures. 0 for disabling.""")
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="""Weight decay at the start of
+        training; ViTs do well with a small value early on.""")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Weight decay at the end of
+        training, reached along a cosine; a larger final value helps ViTs.""")
+    parser.add_argument("--clip_grad", type=float, default=3.0, help="""Clip each parameter's gradient to this
+        norm (0 disables). Values between 0.3 and 1.0 can help larger ViTs.""")
     parser.add_argument("--batch_size_per_gpu", default=64, type=int,
-                        help="Per-GPU batch-size : number of distinct images loaded on one GPU.")
+                        help="Images per process (per GPU) in each batch.")
     parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
-    parser.add_argument("--freeze_last_layer", default=1, type=int, help="""Number of epochs
-        during which we keep the output layer fixed. Typically doing so during
-        the first epoch helps training. Try increasing this value if the loss does not decrease.""")
-    parser.add_argument("--lr", default=0.0005, type=float, help="""Learning rate at the end of
-        linear warmup (highest LR used during training). The learning rate is linearly scaled
-        with the batch size, and specified here for a reference batch size of 256.""")
+    parser.add_argument("--freeze_last_layer", default=1, type=int, help="""Epochs at the start during which
+        the head's last layer is not updated; increase it if the loss does not go down.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate, reached at the end of the
+        linear warmup, for a total batch of 256: it is scaled linearly with the total batch size.""")
     parser.add_argument("--warmup_epochs", default=10, type=int,
-                        help="Number of epochs for the linear learning-rate warm up.")
-    parser.add_argument("--min_lr", type=float, default=1e-6, help="""Target LR at the
-        end of optimization. We use a cosine LR schedule with linear warmup.""")
+                        help="Epochs of linear learning-rate warmup.")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="""Learning rate at the end of training,
+        reached along a cosine after the warmup.""")
     parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
-                        help="""Type of optimizer. We recommend using adamw with ViTs.""")
-    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth rate")
+                        help="Optimizer; adamw for ViTs.")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth rate of the student.")
     parser.add_argument("--compile", type=utils.bool_flag, default=False, help="""torch.compile the student's
         and the teacher's backbone and head (static shapes: one graph per crop resolution). Costs a minute or two
         of compilation at the start of the run.""")
 
     # Multi-crop parameters
-    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.),
-                        help="""Scale range of the cropped image before resizing, relatively to the origin image.
-        Used for large global view cropping. When disabling multi-crop (--local_crops_number 0), we
-        recommand using a wider range of scale ("--global_crops_scale 0.14 1." for example)""")
-    parser.add_argument("--local_crops_number", type=int, default=8, help="""Number of small
-        local views to generate. Set this parameter to 0 to disable multi-crop training.
-        When disabling multi-crop we recommend to use "--global_crops_scale 0.14 1." """)
-    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
-                        help="""Scale range of the cropped image before resizing, relatively to the origin image.
-        Used for small local view cropping of multi-crop.""")
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.), help="""Range of the
+        area fraction of the image covered by the 2 global crops before resizing. Without local crops
+        (--local_crops_number 0) a wider range such as 0.14 1 works better.""")
+    parser.add_argument("--local_crops_number", type=int, default=8, help="""Number of small local crops per
+        image (multi-crop); 0 disables multi-crop.""")
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4), help="""Range of the
+        area fraction of the image covered by each local crop before resizing.""")
     parser.add_argument("--global_crops_size", type=int, default=224,
                         help="Side in pixels of the global crops (224 for ImageNet; smaller for small images).")
     parser.add_argument("--local_crops_size", type=int, default=96,
@@ -108,11 +95,23 @@ def get_args_parser():
         run batched on the training device (on a machine without GPU, in the main process). auto: gpu on CUDA,
         cpu otherwise.""")
 
+    # k-NN monitoring
+    parser.add_argument("--knn_data_path", default="", type=str, help="""Folder with train/ and val/
+        ImageFolders (e.g. a held-out split). Every --knn_freq epochs, and once before training, the teacher's
+        backbone is evaluated with the weighted k-NN of eval_knn.py (train/ as the bank, val/ as the queries) and
+        knn_top1/knn_top5 are written to log.txt. Off when empty.""")
+    parser.add_argument("--knn_freq", default=1, type=int, help="k-NN monitoring every x epochs.")
+    parser.add_argument("--knn_k", default=20, type=int, help="Neighbours of the k-NN monitoring.")
+    parser.add_argument("--knn_temperature", default=0.07, type=float, help="Temperature of the k-NN vote.")
+    parser.add_argument("--knn_batch_size", default=256, type=int, help="Batch size of the k-NN feature extraction.")
+    utils.add_eval_size_args(parser)
+
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
-                        help="Please specify path to the ImageNet training data.")
-    parser.add_argument("--output_dir", default=".", type=str, help="Path to save logs and checkpoints.")
-    parser.add_argument("--saveckp_freq", default=20, type=int, help="Save checkpoint every x epochs.")
+                        help="Folder of training images, one subfolder per class (the classes are not used).")
+    parser.add_argument("--output_dir", default=".", type=str, help="Where checkpoints and log.txt are written.")
+    parser.add_argument("--saveckp_freq", default=20, type=int,
+                        help="Keep a copy of the checkpoint every x epochs (0: never).")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--log_freq", default=10, type=int,
                         help="Print (and check the loss is finite) every x iterations.")
@@ -157,17 +156,6 @@ def build_data_loader(args):
     return data_loader
 
 
-class LocalWrapper(nn.Module):
-    """Stands in for DistributedDataParallel in one process, so `.module` and the `module.` keys are the same."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
 def build_networks(args):
     """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
     student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
@@ -178,20 +166,15 @@ def build_networks(args):
     teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
 
-    def wrap(model):
-        if args.world_size > 1:
-            return DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda" else None)
-        return LocalWrapper(model)
-
     if utils.has_batchnorms(student):
         if args.world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        teacher = wrap(teacher)  # the teacher's batch norms need synchronising too
+        teacher = utils.wrap_ddp(teacher, args)  # the teacher's batch norms need synchronising too
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
-    student = wrap(student)
+    student = utils.wrap_ddp(student, args)  # DDP, or a stand-in with the same `module.` keys
     teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
     for p in teacher.parameters():
         p.requires_grad = False
@@ -216,6 +199,7 @@ def main(args):
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
     augment = utils.MultiCropOnDevice(args.device) if args.augmentation == "gpu" else None
+    knn_datasets = build_knn_datasets(args)
 
     # ============ building student and teacher networks ... ============
     student, teacher, teacher_without_ddp = build_networks(args)
@@ -248,6 +232,9 @@ def main(args):
     start_epoch = to_restore["epoch"]
 
     start_time = time.time()
+    knn_init = {}
+    if knn_datasets and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
+        knn_init = {f"{k}_init": v for k, v in knn_monitor(teacher_without_ddp.backbone, knn_datasets, args).items()}
     utils.print_main("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         data_loader.sampler.set_epoch(epoch)
@@ -277,12 +264,44 @@ def main(args):
                      "time": round(epoch_time, 2),
                      "images_per_s": round(niter * args.batch_size_per_gpu * args.world_size / epoch_time, 1),
                      "skipped_images": data_loader.dataset.num_skipped()}
+        if knn_datasets and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
+            log_stats.update(knn_monitor(teacher_without_ddp.backbone, knn_datasets, args), **knn_init)
+            knn_init = {}
         utils.append_log(args.output_dir, log_stats)
 
     total_time = time.time() - start_time
     utils.print_main(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     utils.print_main(f"Checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}  "
                      f"log: {os.path.join(args.output_dir, 'log.txt')}")
+    utils.shutdown_distributed()
+
+
+def build_knn_datasets(args):
+    """(train, val) datasets of --knn_data_path for the k-NN monitoring, or None when it is off."""
+    if not args.knn_data_path:
+        return None
+    if args.knn_freq < 1 or args.knn_k < 1:
+        raise utils.InputError(f"--knn_freq {args.knn_freq} and --knn_k {args.knn_k} must be at least 1")
+    transform = utils.eval_transform(args.resize_size, args.crop_size)
+    return utils.build_eval_datasets(args.knn_data_path, transform, transform)
+
+
+def knn_monitor(backbone, knn_datasets, args) -> dict:
+    """Weighted k-NN top-1/top-5 (percent) of the backbone's features on --knn_data_path, as eval_knn.py computes."""
+    train, val = knn_datasets
+    was_training = backbone.training
+    backbone.eval()
+    bank, bank_labels = utils.extract_features(backbone, train, args.knn_batch_size, args.num_workers, args.device,
+                                               args.device)
+    queries, labels = utils.extract_features(backbone, val, args.knn_batch_size, args.num_workers, args.device,
+                                             args.device)
+    backbone.train(was_training)
+    results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
+                                   len(train.classes), rank=args.rank, world_size=args.world_size,
+                                   comm_device=args.device)
+    top1, top5 = results[args.knn_k]
+    utils.print_main(f"k-NN monitoring ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, top-5 {top5:.2f}")
+    return {"knn_top1": top1, "knn_top5": top5}
 
 
 def checkpoint_args(args) -> dict:

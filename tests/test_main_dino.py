@@ -191,3 +191,47 @@ def test_bad_input_is_one_clear_line(image_folder, tmp_path, case, expected):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(expected, lines[0]), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_knn_monitoring_logs_the_teachers_accuracy(tmp_path):
+    """The k-NN written to log.txt equals a weighted k-NN computed here from the final teacher's features."""
+    import numpy as np
+    from PIL import Image
+
+    import utils
+    from vision_transformer import build_model
+    data = make_image_folder(str(tmp_path / "data"))
+    knn_root = tmp_path / "knn"
+    make_image_folder(str(knn_root / "train"), per_class=6, seed=1)
+    make_image_folder(str(knn_root / "val"), per_class=3, seed=2)
+    out = str(tmp_path / "out")
+    run_script(tiny_args(data, out, epochs=2, knn_data_path=knn_root, knn_k=5, resize_size=32, crop_size=32))
+    log = read_log(out)
+    assert "knn_top1_init" in log[0] and all("knn_top1" in r and 0 <= r["knn_top1"] <= 100 for r in log)
+
+    model = build_model("vit_tiny", patch_size=8).eval()
+    utils.load_pretrained_weights(model, os.path.join(out, "checkpoint.pth"), "teacher", "vit_tiny", 8)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+    def features(split):
+        feats, labels = [], []
+        for c in range(3):
+            folder = knn_root / split / f"class{c}"
+            for name in sorted(os.listdir(folder)):  # 32x32 images: resize 32 and crop 32 leave them as they are
+                x = (np.asarray(Image.open(folder / name).convert("RGB")) / 255.0 - mean) / std
+                with torch.no_grad():
+                    f = model(torch.tensor(x, dtype=torch.float32).permute(2, 0, 1)[None])[0]
+                feats.append(f / f.norm())
+                labels.append(c)
+        return torch.stack(feats), labels
+
+    bank, bank_labels = features("train")
+    queries, query_labels = features("val")
+    correct = 0
+    for q, label in zip(queries, query_labels):
+        sim = bank @ q
+        top = sim.topk(5)
+        votes = [sum(float(torch.exp(s / 0.07)) for s, i in zip(top.values, top.indices) if bank_labels[i] == c)
+                 for c in range(3)]
+        correct += int(np.argmax(votes) == label)
+    assert log[-1]["knn_top1"] == pytest.approx(100.0 * correct / len(query_labels))
