@@ -58,6 +58,16 @@ def make_image_folder(root, n_classes=3, per_class=8, size=32, seed=0, ext="png"
     return root
 
 
+def write_split(root, colours, per_class, rng, size=40):
+    """One folder per class of a train/ or val/ split; class c is colour c plus noise, so the classes are separable
+    and two splits written with the same colours share their classes."""
+    for c, colour in enumerate(colours):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(colour + rng.integers(-50, 50, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.png"))
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 3-class, 24-image ImageFolder of 32x32 PNGs."""

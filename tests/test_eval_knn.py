@@ -14,22 +14,12 @@ from PIL import Image
 
 import eval_knn
 import utils
-from conftest import run_script
+from conftest import run_script, write_split
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 5, 6, 3  # 5 classes (not 1000), 15 test images (fewer than 100)
 IMAGE, RESIZE, CROP = 40, 36, 32
-
-
-
-def write_split(root, colours, per_class, rng):
-    """One folder per class; class c is colour c plus noise, so the classes are separable."""
-    for c, colour in enumerate(colours):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            img = np.clip(colour + rng.integers(-50, 50, size=(IMAGE, IMAGE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +28,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("knn")
     rng = np.random.default_rng(0)
     colours = rng.integers(30, 226, size=(N_CLASSES, 3))
-    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng)
-    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng)
+    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng, IMAGE)
+    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng, IMAGE)
     torch.manual_seed(0)
     model = build_model("vit_tiny", patch_size=16)
     torch.save(model.state_dict(), root / "backbone.pth")

@@ -15,23 +15,13 @@ from PIL import Image
 
 import eval_linear
 import utils
-from conftest import run_script
+from conftest import run_script, write_split
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 6, 3
 IMAGE, RESIZE, CROP = 40, 36, 32
 LR, BATCH, EPOCHS = 0.1, 8, 4
-
-
-
-def write_split(root, colours, per_class, rng):
-    """One folder per class; class c is colour c plus noise, so the classes are separable."""
-    for c, colour in enumerate(colours):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            img = np.clip(colour + rng.integers(-50, 50, size=(IMAGE, IMAGE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.png"))
 
 
 def linear_args(*extra):
@@ -52,8 +42,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
     rng = np.random.default_rng(0)
     colours = rng.integers(30, 226, size=(N_CLASSES, 3))
-    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng)
-    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng)
+    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng, IMAGE)
+    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng, IMAGE)
     torch.manual_seed(0)
     model = build_model("vit_tiny", patch_size=16).eval()
     torch.save(model.state_dict(), root / "backbone.pth")
