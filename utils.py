@@ -214,7 +214,7 @@ def add_distributed_args(parser: argparse.ArgumentParser, num_workers: int = 10)
 
 
 def add_eval_size_args(parser: argparse.ArgumentParser) -> None:
-    """--resize_size and --crop_size of the evaluation transform (256 and 224 as the paper; smaller for small images)."""
+    """--resize_size and --crop_size of the evaluation transform (256 and 224 as the paper; less for small images)."""
     parser.add_argument("--resize_size", default=256, type=int, help="""Evaluation images are resized (bicubic)
         so that their shorter side is this many pixels, then center-cropped; 256 as the paper.""")
     parser.add_argument("--crop_size", default=224, type=int, help="""Side of the center crop of evaluation images

@@ -182,7 +182,8 @@ def extract_frames(video: str, frames_dir: str):
     print(f"Video {video}: {len(paths)} frames at {fps or 'unknown'} fps extracted to {frames_dir}")
     stale = len(set(old) - {os.path.basename(p) for p in paths})
     if stale:
-        print(f"Note: {frames_dir} also holds {stale} older images; only the {len(paths)} frames just extracted are used")
+        print(f"Note: {frames_dir} also holds {stale} older images; only the {len(paths)} frames just extracted "
+              f"are used")
     return paths, fps
 
 

@@ -11,7 +11,6 @@ so its published weights load with strict=True and our checkpoints load there.
     torch.Size([2, 384])
 """
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -306,8 +305,8 @@ def build_model(arch: str, *, patch_size: int = 16, drop_path_rate: float = 0.0)
         model = torchvision.models.get_model(arch, weights=None)
         model.embed_dim = _drop_classifier(model, arch)
         return model
-    raise UnknownArchError(f"unknown --arch {arch!r}; valid: {', '.join(VIT_ARCHS)}, xcit_* (facebookresearch/xcit hub), "
-                     f"or a torchvision model: {', '.join(names)}")
+    raise UnknownArchError(f"unknown --arch {arch!r}; valid: {', '.join(VIT_ARCHS)}, xcit_* (facebookresearch/xcit "
+                           f"hub), or a torchvision model: {', '.join(names)}")
 
 
 def _drop_classifier(model: nn.Module, arch: str) -> int:

@@ -47,7 +47,7 @@ def clip_frames(clip):
 
 @pytest.fixture(scope="module")
 def model_and_checkpoint(tmp_path_factory):
-    """A vit_tiny/16 with q and k scaled up (peaked attention, as in a trained model), saved as a training checkpoint."""
+    """A vit_tiny/16 with q and k scaled up (peaked attention, as a trained model has), saved as a checkpoint."""
     torch.manual_seed(0)
     model = build_model("vit_tiny", patch_size=P).eval()
     with torch.no_grad():
