@@ -10,15 +10,32 @@ Importing this file touches no network: only pretrained=True downloads, once, in
 torch.hub.get_dir()/checkpoints (under $TORCH_HOME), and weights always load strictly.
 The XCiT models are built by the facebookresearch/xcit hub repository, fetched on first use.
 """
+import importlib.util
 import os
+import sys
 
 import torch
 import torchvision
 
-import utils
-import vision_transformer
-
 dependencies = ["torch", "torchvision"]
+
+
+def _own_module(name: str):
+    """This checkout's `name`.py. torch.hub imports hubconf with the checkout first on sys.path, but a module of the
+    same name that the caller imported before (their own utils.py, say) would win a plain import: load ours by path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    module = sys.modules.get(name)
+    if module is not None and os.path.realpath(getattr(module, "__file__", None) or "") == os.path.realpath(path):
+        return module
+    spec = importlib.util.spec_from_file_location(f"dino_hub_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a registered name keeps the module's classes picklable
+    spec.loader.exec_module(module)
+    return module
+
+
+utils = _own_module("utils")
+vision_transformer = _own_module("vision_transformer")
 
 
 def _load_published(model: torch.nn.Module, url: str, entrypoint: str) -> torch.nn.Module:

@@ -120,3 +120,24 @@ def test_xcit_entrypoints_need_the_xcit_hub_and_say_so_offline(hub_cache):
     with pytest.raises(RuntimeError, match="dino_xcit_small_12_p16: the XCiT model comes from the "
                                            "facebookresearch/xcit hub repository, which could not be loaded"):
         hubconf.dino_xcit_small_12_p16()
+
+
+def test_hub_load_ignores_a_callers_own_utils_module(tmp_path, hub_cache):
+    """torch.hub.load from a checkout, in a process that already imported some other module called `utils`."""
+    import subprocess
+    import sys
+    own = tmp_path / "caller"
+    own.mkdir()
+    (own / "utils.py").write_text("MARK = 'caller'\n")
+    vits16 = vit_small(patch_size=16)
+    torch.save(vits16.state_dict(), hub_cache / "dino_deitsmall16_pretrain.pth")
+    code = ("import sys, torch, utils\n"
+            "assert utils.MARK == 'caller'\n"
+            f"m = torch.hub.load({str(REPO)!r}, 'dino_vits16', source='local')\n"
+            "assert sys.modules['utils'].MARK == 'caller'\n"
+            "print(m(torch.zeros(1, 3, 224, 224)).shape)\n")
+    env = {**os.environ, "PYTHONPATH": str(own)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=own, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 384])" in result.stdout
