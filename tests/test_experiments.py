@@ -1,0 +1,90 @@
+"""experiments/fashion_mnist: the raw-pixel k-NN baseline and the random-weights backbone."""
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import run_script, write_split
+from vision_transformer import build_model
+
+
+def numpy_weighted_knn(train, train_labels, test, test_labels, k, T, n_classes):
+    """Top-1 of the weighted k-NN written out: cosine similarity, k nearest, votes exp(sim / T) per class."""
+    sims = test @ train.T
+    top1 = 0
+    for i in range(len(test)):
+        nearest = np.argsort(-sims[i])[:k]
+        votes = np.zeros(n_classes)
+        np.add.at(votes, train_labels[nearest], np.exp(sims[i, nearest] / T))
+        top1 += votes.argmax() == test_labels[i]
+    return 100.0 * top1 / len(test)
+
+
+def write_pattern_split(root, per_class, rng):
+    """3 classes of 8x8 greyscale images: a bright band in rows 0-2, 3-5 or 5-7 under heavy noise, so the classes
+    overlap a little (cosine similarity ignores overall brightness: a layout is what raw pixels can tell apart)."""
+    for c, rows in enumerate((slice(0, 3), slice(3, 6), slice(5, 8))):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 220, size=(8, 8)).astype(np.float64)
+            img[rows] += 45
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert("RGB").save(
+                os.path.join(root, f"class{c}", f"img{i}.png"))
+
+
+def read_split(root):
+    rows, labels = [], []
+    for label, cls in enumerate(sorted(os.listdir(root))):
+        for name in sorted(os.listdir(os.path.join(root, cls))):
+            with Image.open(os.path.join(root, cls, name)) as img:
+                rows.append(np.asarray(img.convert("L"), dtype=np.float64).ravel())
+            labels.append(label)
+    x = np.stack(rows)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(labels)
+
+
+def test_raw_pixel_knn_matches_a_written_out_classifier(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pattern_split(tmp_path / "data" / "train", 12, rng)
+    write_pattern_split(tmp_path / "data" / "val", 10, rng)
+    out = run_script(["experiments/fashion_mnist/knn_raw_pixels.py", "--data_path", tmp_path / "data",
+                      "--nb_knn", "1", "5"]).stdout
+    assert "36 train and 30 val images of 64 pixels" in out
+    train, train_labels = read_split(tmp_path / "data" / "train")
+    test, test_labels = read_split(tmp_path / "data" / "val")
+    for k in (1, 5):
+        top1 = float(re.search(rf"^{k}-NN classifier result on raw pixels: Top1: ([\d.]+)", out, re.M).group(1))
+        expected = numpy_weighted_knn(train, train_labels, test, test_labels, k, 0.07, 3)
+        assert abs(top1 - expected) < 1e-3, (k, top1, expected)
+    assert 40 < top1 < 100  # informative but not perfect, so the comparison above is not trivial
+
+
+def test_raw_pixel_knn_needs_one_image_size(tmp_path):
+    rng = np.random.default_rng(0)
+    colours = [np.array([60, 60, 60]), np.array([200, 200, 200])]
+    write_split(str(tmp_path / "data" / "train"), colours, 2, rng, size=8)
+    write_split(str(tmp_path / "data" / "val"), colours, 2, rng, size=8)
+    Image.new("RGB", (9, 9)).save(tmp_path / "data" / "train" / "class0" / "odd.png")
+    proc = run_script(["experiments/fashion_mnist/knn_raw_pixels.py", "--data_path", tmp_path / "data"], check=False)
+    assert proc.returncode == 2
+    assert "images of different sizes" in proc.stderr and str(tmp_path / "data" / "train") in proc.stderr
+
+
+def test_random_init_is_the_seeded_initialisation(tmp_path):
+    out = tmp_path / "random.pth"
+    run_script(["experiments/fashion_mnist/random_init.py", "--arch", "vit_tiny", "--patch_size", "7",
+                "--seed", "3", "--output", out])
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    torch.manual_seed(3)
+    expected = build_model("vit_tiny", patch_size=7).state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    torch.manual_seed(4)
+    other = build_model("vit_tiny", patch_size=7).state_dict()
+    assert not torch.equal(saved["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+
+    proc = run_script(["experiments/fashion_mnist/random_init.py", "--arch", "vit_tiny", "--output",
+                       tmp_path / "missing" / "random.pth"], check=False)
+    assert proc.returncode == 2 and "--output" in proc.stderr and "does not exist" in proc.stderr
