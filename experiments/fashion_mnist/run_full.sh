@@ -3,8 +3,8 @@
 # weights), DINO pretraining with k-NN monitoring, k-NN and linear evaluation, curves and attention overviews.
 #
 #     bash experiments/fashion_mnist/run_full.sh                      # the recipe meant for one GPU
-#     EPOCHS=2 TRAIN_PER_CLASS=100 VAL_PER_CLASS=50 LINEAR_EPOCHS=2 BATCH=32 BF16=false WORKERS=1 \
-#         OUT=/tmp/fm_check DATA=/tmp/fm_check_data bash experiments/fashion_mnist/run_full.sh   # a CPU check of the script
+#     EPOCHS=2 TRAIN_PER_CLASS=50 VAL_PER_CLASS=20 LINEAR_EPOCHS=2 BATCH=32 BF16=false WORKERS=1 \
+#         OUT=/tmp/fm_check DATA=/tmp/fm_check_data bash experiments/fashion_mnist/run_full.sh   # CPU check, 8 min
 #
 # Everything lands in $OUT: pretrain/ (log.txt, checkpoint.pth), knn_*.txt, linear/ (log.txt), curves.png and
 # attention/<n>/overview.png. Only the small files are meant to be committed (see the README), never checkpoints.
