@@ -34,10 +34,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread in test processes, as the script subprocesses get (OMP_NUM_THREADS=1): the tiny models
-    gain nothing from more, and on a busy 2-core machine spinning threads make them many times slower."""
+    gain nothing from more, and on a busy 2-core machine spinning threads make them many times slower. Session-wide,
+    so module-scoped fixtures run with it too: a run they make and one a test makes are then bit-comparable (float
+    reductions split over 2 threads round differently from 1)."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
