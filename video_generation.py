@@ -183,7 +183,7 @@ def extract_frames(video: str, frames_dir: str):
     stale = len(set(old) - {os.path.basename(p) for p in paths})
     if stale:
         print(f"Note: {frames_dir} also holds {stale} older images; only the {len(paths)} frames just extracted "
-              f"are used")
+              "are used")
     return paths, fps
 
 

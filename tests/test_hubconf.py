@@ -135,6 +135,8 @@ def test_hub_load_ignores_a_callers_own_utils_module(tmp_path, hub_cache):
             "assert utils.MARK == 'caller'\n"
             f"m = torch.hub.load({str(REPO)!r}, 'dino_vits16', source='local')\n"
             "assert sys.modules['utils'].MARK == 'caller'\n"
+            f"saved = torch.load({str(hub_cache / 'dino_deitsmall16_pretrain.pth')!r}, weights_only=True)\n"
+            "assert all(torch.equal(m.state_dict()[k], v) for k, v in saved.items())\n"
             "print(m(torch.zeros(1, 3, 224, 224)).shape)\n")
     env = {**os.environ, "PYTHONPATH": str(own)}
     result = subprocess.run([sys.executable, "-c", code], cwd=own, env=env, capture_output=True, text=True,
