@@ -125,6 +125,25 @@ def test_crops_depend_on_seed_epoch_and_index_only(trained):
     assert not torch.equal(crops[0], crops[1])
 
 
+def test_train_crop_scale(trained):
+    """--train_crop_scale 1 1: every training crop is the whole image resized, or its mirror; the original's
+    0.08 1 (the default) crops parts of them."""
+    root, _ = trained
+    normalize = np.array(MEAN, np.float32), np.array(STD, np.float32)
+    for scale, whole in (((1, 1), True), ((), False)):
+        args = base_args(root, *(("--train_crop_scale", *scale) if scale else ()))
+        utils.init_distributed_mode(args)
+        dataset = eval_linear.build_data_loaders(args)[0].dataset
+        assert tuple(args.train_crop_scale) == (scale or (0.08, 1.0))
+        is_whole = []
+        for i, (path, _) in enumerate(dataset.dataset.samples):
+            img = Image.open(path).convert("RGB").resize((CROP, CROP), Image.BILINEAR)
+            ref = torch.tensor((np.asarray(img, np.float32) / 255 - normalize[0]) / normalize[1]).permute(2, 0, 1)
+            crop = dataset[i][0]
+            is_whole.append(any(torch.allclose(crop, r, atol=1e-5) for r in (ref, ref.flip(-1))))
+        assert all(is_whole) if whole else sum(is_whole) < len(is_whole) / 2
+
+
 def reference_accuracy(model, root, state_dict):
     """Acc@1 and Acc@5 of the saved classifier on val/, transforms written with PIL + numpy, blocks run by hand."""
     images, labels = [], []
@@ -249,6 +268,7 @@ def test_two_processes_train_then_one_process_evaluates_the_same(trained, tmp_pa
     ("linear_shape", r"shapes differ: module.linear.weight \[6, 768\] in file vs \[6, 384\] in model"),
     ("linear_missing", r"--linear_weights .*nope.pth.tar: no such file"),
     ("linear_key", r"no 'state_dict' and not a state dict; it has: teacher"),
+    ("crop_scale", r"--train_crop_scale 0.5 0.2: expected two numbers 0 < min <= max <= 1"),
 ])
 def test_bad_input(trained, tmp_path, case, match):
     root, model = trained
@@ -268,6 +288,8 @@ def test_bad_input(trained, tmp_path, case, match):
         extra += ["--evaluate", "--linear_weights", root / "run" / "checkpoint.pth.tar", "--n_last_blocks", 2]
     elif case == "linear_missing":
         extra += ["--evaluate", "--linear_weights", tmp_path / "nope.pth.tar"]
+    elif case == "crop_scale":
+        extra += ["--train_crop_scale", 0.5, 0.2]
     elif case == "linear_key":
         torch.save({"teacher": {"x": {}}}, tmp_path / "ckp.pth")
         extra += ["--evaluate", "--linear_weights", tmp_path / "ckp.pth"]
