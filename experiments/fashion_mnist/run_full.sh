@@ -4,10 +4,11 @@
 #
 #     bash experiments/fashion_mnist/run_full.sh                      # the recipe meant for one GPU
 #     EPOCHS=2 TRAIN_PER_CLASS=50 VAL_PER_CLASS=20 LINEAR_EPOCHS=2 BATCH=32 BF16=false WORKERS=1 \
-#         OUT=/tmp/fm_check DATA=/tmp/fm_check_data bash experiments/fashion_mnist/run_full.sh   # CPU check, 8 min
+#         OUT=/tmp/fm_check DATA=/tmp/fm_check_data bash experiments/fashion_mnist/run_full.sh   # CPU check
 #
-# Everything lands in $OUT: pretrain/ (log.txt, checkpoint.pth), knn_*.txt, linear/ (log.txt), curves.png and
-# attention/<n>/overview.png. Only the small files are meant to be committed (see the README), never checkpoints.
+# Everything lands in $OUT: pretrain/ (log.txt, checkpoint.pth), knn_*.txt, linear/ and linear_random/ (log.txt),
+# curves.png and attention/<n>/overview.png. Only the small files are meant to be committed (see the README), never
+# checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -46,9 +47,14 @@ $PYTHON main_dino.py --arch "$ARCH" --patch_size "$PATCH" --global_crops_size 28
 $PYTHON eval_knn.py --arch "$ARCH" --patch_size "$PATCH" --pretrained_weights "$OUT/pretrain/checkpoint.pth" \
     --checkpoint_key teacher --data_path "$DATA" "${EVAL_SIZE[@]}" --nb_knn 10 20 --batch_size_per_gpu 512 \
     --num_workers "$WORKERS" | tee "$OUT/knn_dino.txt"
+# linear probes of the trained teacher and of the random weights; whole 28-pixel images and flips
+# (--train_crop_scale 1 1: the original's 8-100% crops leave a few pixels of such small images)
+LINEAR=(--data_path "$DATA" "${EVAL_SIZE[@]}" --train_crop_scale 1 1 --lr 0.1 --num_labels 10
+        --epochs "$LINEAR_EPOCHS" --batch_size_per_gpu "$BATCH" --num_workers "$WORKERS")
 $PYTHON eval_linear.py --arch "$ARCH" --patch_size "$PATCH" --pretrained_weights "$OUT/pretrain/checkpoint.pth" \
-    --checkpoint_key teacher --data_path "$DATA" "${EVAL_SIZE[@]}" --num_labels 10 --epochs "$LINEAR_EPOCHS" \
-    --batch_size_per_gpu "$BATCH" --num_workers "$WORKERS" --output_dir "$OUT/linear"
+    --checkpoint_key teacher "${LINEAR[@]}" --output_dir "$OUT/linear"
+$PYTHON eval_linear.py --arch "$ARCH" --patch_size "$PATCH" --pretrained_weights "$OUT/random_init.pth" \
+    --checkpoint_key none "${LINEAR[@]}" --output_dir "$OUT/linear_random"
 
 $PYTHON tools/plot_logs.py "$OUT/pretrain/log.txt" --labels "$ARCH/$PATCH DINO" --output "$OUT/curves.png"
 # attention of the trained teacher on the first test image of four classes
@@ -59,4 +65,5 @@ for cls in 0 1 7 9; do
         --pretrained_weights "$OUT/pretrain/checkpoint.pth" --checkpoint_key teacher --image_path "$image" \
         --image_size 28 --output_dir "$OUT/attention/$cls"
 done
-echo "Done: $OUT (knn_raw_pixels.txt, knn_random.txt, knn_dino.txt, linear/log.txt, curves.png, attention/)"
+echo "Done: $OUT (knn_raw_pixels.txt, knn_random.txt, knn_dino.txt, linear/log.txt, linear_random/log.txt," \
+     "curves.png, attention/)"
