@@ -44,19 +44,22 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {
+    **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    "batch_size_per_gpu": utils.AT_LEAST_ONE, "nb_knn": utils.AT_LEAST_ONE, "temperature": utils.POSITIVE,
+}
+
+
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
-    if args.batch_size_per_gpu < 1:
-        raise utils.InputError(f"--batch_size_per_gpu {args.batch_size_per_gpu}: must be at least 1")
-    if min(args.nb_knn) < 1:
-        raise utils.InputError(f"--nb_knn {' '.join(map(str, args.nb_knn))}: every k must be at least 1")
-    if not args.temperature > 0:
-        raise utils.InputError(f"--temperature {args.temperature}: must be positive")
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+    if not args.load_features:  # cached features need no backbone
+        utils.check_patch_fits(args, "crop_size")
 
 
 def main(args):
+    check_args(args)  # before the rendezvous, so that a typo does not wait for every process
     utils.init_distributed_mode(args)
-    check_args(args)
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     on_gpu = args.use_cuda and args.device.type == "cuda"
@@ -90,8 +93,7 @@ def main(args):
 
     # ============ k-NN classification ... ============
     results = utils.knn_classifier(train_features, train_labels, test_features, test_labels, args.nb_knn,
-                             args.temperature, num_classes, rank=args.rank, world_size=args.world_size,
-                             comm_device=args.device)
+                             args.temperature, num_classes, rank=args.rank, world_size=args.world_size)
     for k, (top1, top5) in results.items():
         utils.print_main(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
     utils.shutdown_distributed()

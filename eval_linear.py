@@ -63,22 +63,29 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {
+    **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    "n_last_blocks": utils.AT_LEAST_ONE, "epochs": utils.AT_LEAST_ONE, "lr": utils.POSITIVE,
+    "batch_size_per_gpu": utils.AT_LEAST_ONE, "val_freq": utils.AT_LEAST_ONE, "num_labels": utils.AT_LEAST_ONE,
+    "train_crop_scale": utils.FRACTION, "seed": utils.NON_NEGATIVE,
+}
+
+
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
-    for name in ("epochs", "batch_size_per_gpu", "val_freq", "n_last_blocks", "num_labels"):
-        if getattr(args, name) < 1:
-            raise utils.InputError(f"--{name} {getattr(args, name)}: must be at least 1")
+    utils.check_flag_domains(args, FLAG_DOMAINS)
     low, high = args.train_crop_scale
-    if not 0 < low <= high <= 1:
+    if not low <= high:
         raise utils.InputError(f"--train_crop_scale {low:g} {high:g}: expected two numbers 0 < min <= max <= 1")
+    utils.check_patch_fits(args, "crop_size")
     if args.linear_weights and not args.evaluate:
         raise utils.InputError("--linear_weights is for --evaluate; to resume training, keep the same --output_dir")
 
 
 def main(args):
+    check_args(args)  # before the rendezvous, so that a typo does not wait for every process
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
-    check_args(args)
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True

@@ -119,19 +119,41 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {
+    **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    "out_dim": utils.AT_LEAST_ONE, "momentum_teacher": utils.Domain(0, 1),
+    "warmup_teacher_temp": utils.POSITIVE, "teacher_temp": utils.POSITIVE,
+    "warmup_teacher_temp_epochs": utils.NON_NEGATIVE, "weight_decay": utils.NON_NEGATIVE,
+    "weight_decay_end": utils.NON_NEGATIVE, "clip_grad": utils.NON_NEGATIVE,
+    "batch_size_per_gpu": utils.AT_LEAST_ONE, "epochs": utils.AT_LEAST_ONE, "freeze_last_layer": utils.NON_NEGATIVE,
+    "lr": utils.POSITIVE, "warmup_epochs": utils.NON_NEGATIVE, "min_lr": utils.NON_NEGATIVE,
+    "drop_path_rate": utils.Domain(0, 1, high_inclusive=False),  # a rate of 1 would drop every residual branch
+    "global_crops_scale": utils.FRACTION, "local_crops_scale": utils.FRACTION,
+    "local_crops_number": utils.NON_NEGATIVE, "global_crops_size": utils.AT_LEAST_ONE,
+    "local_crops_size": utils.AT_LEAST_ONE, "knn_freq": utils.AT_LEAST_ONE, "knn_k": utils.AT_LEAST_ONE,
+    "knn_temperature": utils.POSITIVE, "knn_batch_size": utils.AT_LEAST_ONE, "saveckp_freq": utils.NON_NEGATIVE,
+    "seed": utils.NON_NEGATIVE, "log_freq": utils.AT_LEAST_ONE,
+}
+
+
 def check_args(args) -> None:
     """One-line errors for flag values that would otherwise fail deep inside training."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(args, name)
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        if len(scale) != 2 or not scale[0] <= scale[1]:
             raise utils.InputError(f"--{name} {' '.join(map(str, scale))}: expected two numbers 0 < min <= max <= 1")
     if args.warmup_teacher_temp_epochs > args.epochs:
         raise utils.InputError(f"--warmup_teacher_temp_epochs {args.warmup_teacher_temp_epochs} is more than "
                          f"--epochs {args.epochs}")
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
-    if args.batch_size_per_gpu < 1 or args.epochs < 1:
-        raise utils.InputError("--batch_size_per_gpu and --epochs must be at least 1")
+    crops = ["global_crops_size"]
+    if args.local_crops_number:
+        crops.append("local_crops_size")
+    if args.knn_data_path:  # the k-NN monitoring feeds the backbone --crop_size crops
+        crops.append("crop_size")
+    utils.check_patch_fits(args, *crops)
 
 
 def build_data_loader(args):
@@ -186,9 +208,9 @@ def build_networks(args):
 
 
 def main(args):
+    check_args(args)  # before the rendezvous: a typo must not wait for every process of the job to connect
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
-    check_args(args)
     if args.augmentation == "auto":  # batching the per-pixel steps pays where a GPU runs them
         args.augmentation = "gpu" if args.device.type == "cuda" else "cpu"
     utils.print_main(utils.git_description())
@@ -224,12 +246,10 @@ def main(args):
     utils.print_main("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
-    to_restore = {"epoch": 0}
-    utils.restart_from_checkpoint(
-        os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore, student=student,
-        teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler if fp16_scaler.is_enabled() else None,
-        dino_loss=dino_loss)
-    start_epoch = to_restore["epoch"]
+    checkpoint = resume(os.path.join(args.output_dir, "checkpoint.pth"), student, teacher, optimizer, fp16_scaler,
+                        dino_loss, args)
+    start_epoch = checkpoint.get("epoch", 0)
+    append_missing_log_line(checkpoint, knn_datasets, teacher_without_ddp.backbone, args)
 
     start_time = time.time()
     knn_init = {}
@@ -247,6 +267,11 @@ def main(args):
         epoch_time = time.time() - epoch_start
 
         # ============ writing logs ... ============
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                     "time": round(epoch_time, 2),
+                     "images_per_s": round(niter * args.batch_size_per_gpu * args.world_size / epoch_time, 1),
+                     "skipped_images": data_loader.dataset.num_skipped(), **knn_init}
+        knn_init = {}
         save_dict = {
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
@@ -254,19 +279,15 @@ def main(args):
             "epoch": epoch + 1,
             "args": checkpoint_args(args),
             "dino_loss": dino_loss.state_dict(),
+            "log": log_stats,  # the epoch's log line so far: a run stopped before it reaches log.txt writes it
         }
         if fp16_scaler.is_enabled():
             save_dict["fp16_scaler"] = fp16_scaler.state_dict()
         utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "time": round(epoch_time, 2),
-                     "images_per_s": round(niter * args.batch_size_per_gpu * args.world_size / epoch_time, 1),
-                     "skipped_images": data_loader.dataset.num_skipped()}
-        if knn_datasets and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
-            log_stats.update(knn_monitor(teacher_without_ddp.backbone, knn_datasets, args), **knn_init)
-            knn_init = {}
+        if knn_due(epoch, knn_datasets, args):
+            log_stats.update(knn_monitor(teacher_without_ddp.backbone, knn_datasets, args))
         utils.append_log(args.output_dir, log_stats)
 
     total_time = time.time() - start_time
@@ -276,12 +297,63 @@ def main(args):
     utils.shutdown_distributed()
 
 
+def resume(ckp_path: str, student, teacher, optimizer, fp16_scaler, dino_loss, args) -> dict:
+    """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
+
+    Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
+    precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
+    """
+    checkpoint = utils.restart_from_checkpoint(
+        ckp_path, optional=("fp16_scaler",), student=student, teacher=teacher, optimizer=optimizer,
+        params_of=("student", student), fp16_scaler=fp16_scaler if fp16_scaler.is_enabled() else None,
+        dino_loss=dino_loss)
+    if not checkpoint:
+        return checkpoint
+    precision = "bf16" if args.use_bf16 else "fp16" if fp16_scaler.is_enabled() else "fp32"
+    if "fp16_scaler" in checkpoint and not fp16_scaler.is_enabled():
+        utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
+                         f"{args.device.type}, without it")
+    elif "fp16_scaler" not in checkpoint and fp16_scaler.is_enabled():
+        utils.print_main(f"{ckp_path} was trained without fp16 loss scaling (CPU, bf16 or fp32); this run uses it, "
+                         f"from the initial loss scale")
+    saved_args = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) \
+        else checkpoint.get("args") or {}
+    saved_device = str(saved_args.get("device", "cuda"))  # the original trained on GPUs only
+    if saved_device.split(":")[0] != args.device.type:
+        utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {args.device}")
+    return checkpoint
+
+
+def knn_due(epoch: int, knn_datasets, args) -> bool:
+    """Whether the k-NN monitoring runs after this epoch: every --knn_freq epochs and after the last."""
+    return bool(knn_datasets) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
+
+
+def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args) -> None:
+    """Write the log line of the checkpoint's epoch if log.txt lacks it (a run stopped after its checkpoint).
+
+    The checkpoint keeps the line as it was before the k-NN monitoring; the monitoring is run again on the
+    checkpoint's teacher, which is the one it would have measured. Every process takes part in the k-NN, so
+    rank 0's reading of log.txt decides for all.
+    """
+    line = checkpoint.get("log")
+    if not line:
+        return
+    missing = utils.is_main_process() and line["epoch"] not in utils.logged_epochs(args.output_dir)
+    if not utils.all_reduce_sum(torch.tensor([float(missing)])).item():
+        return
+    line = dict(line)
+    if knn_due(line["epoch"], knn_datasets, args):
+        line.update(knn_monitor(backbone, knn_datasets, args))
+    utils.append_log(args.output_dir, line)
+    utils.print_main(f"log.txt had no line for epoch {line['epoch']} (the run stopped after its checkpoint): "
+                     f"written from the checkpoint")
+
+
 def build_knn_datasets(args):
     """(train, val) datasets of --knn_data_path for the k-NN monitoring, or None when it is off."""
     if not args.knn_data_path:
         return None
-    if args.knn_freq < 1 or args.knn_k < 1:
-        raise utils.InputError(f"--knn_freq {args.knn_freq} and --knn_k {args.knn_k} must be at least 1")
     transform = utils.eval_transform(args.resize_size, args.crop_size)
     return utils.build_eval_datasets(args.knn_data_path, transform, transform)
 
@@ -297,8 +369,7 @@ def knn_monitor(backbone, knn_datasets, args) -> dict:
                                              args.device)
     backbone.train(was_training)
     results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
-                                   len(train.classes), rank=args.rank, world_size=args.world_size,
-                                   comm_device=args.device)
+                                   len(train.classes), rank=args.rank, world_size=args.world_size)
     top1, top5 = results[args.knn_k]
     utils.print_main(f"k-NN monitoring ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, top-5 {top5:.2f}")
     return {"knn_top1": top1, "knn_top5": top5}

@@ -137,18 +137,20 @@ def resolve_paths(args) -> None:
     args.job_dir = os.path.abspath(args.job_dir) if args.job_dir else os.path.join(args.output_dir, "submitit")
 
 
+# The job's resources; main_dino.check_args checks the training flags
+FLAG_DOMAINS = {
+    "nodes": utils.AT_LEAST_ONE, "ngpus": utils.NON_NEGATIVE, "timeout": utils.AT_LEAST_ONE,
+    "tasks_per_node": utils.AT_LEAST_ONE, "cpus_per_task": utils.AT_LEAST_ONE, "mem_gb": utils.POSITIVE,
+    "signal_delay_s": utils.NON_NEGATIVE,
+}
+
+
 def check_args(args) -> None:
     """One-line errors for resources and flags before anything is queued."""
-    for name, low in (("nodes", 1), ("ngpus", 0), ("cpus_per_task", 1), ("timeout", 1), ("signal_delay_s", 0)):
-        if getattr(args, name) < low:
-            raise utils.InputError(f"--{name} {getattr(args, name)}: must be at least {low}")
-    if args.tasks_per_node is not None and args.tasks_per_node < 1:
-        raise utils.InputError(f"--tasks_per_node {args.tasks_per_node}: must be at least 1")
+    utils.check_flag_domains(args, FLAG_DOMAINS)
     if args.ngpus and args.tasks_per_node is not None and args.tasks_per_node > args.ngpus:
         raise utils.InputError(f"--tasks_per_node {args.tasks_per_node} is more than --ngpus {args.ngpus}: "
                                f"each task drives one GPU (use --ngpus 0 for CPU tasks)")
-    if args.mem_gb is not None and args.mem_gb <= 0:
-        raise utils.InputError(f"--mem_gb {args.mem_gb}: must be positive")
     if args.cluster == "local" and args.nodes != 1:
         raise utils.InputError(f"--cluster local runs on this machine only: use --nodes 1, not {args.nodes}")
     slurm_extra_params(args.slurm_param)

@@ -1,7 +1,7 @@
 """Everything the DINO scripts share, in fixed sections:
 
-distributed, command-line flags, checkpoints and weights, data, schedules,
-augmentation, attention maps, loss and teacher, optimisation, logging.
+errors, distributed, command-line flags, checkpoints and weights, data, evaluation,
+schedules, augmentation, attention maps, loss and teacher, optimisation, logging.
 
 Nothing runs at import: no network, no subprocess, no process group.
 """
@@ -23,19 +23,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
+# ============ errors ============
 
 
 class InputError(Exception):
     """A bad input (flag, path, file): reported by run_main as one line without a traceback."""
 
 
+class RankInputError(InputError):
+    """A bad input of this process only (e.g. its GPU): every process that has it reports it."""
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher tells it (torchrun, Slurm), known before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def run_main(main, args) -> None:
-    """Call main(args); a bad input ends the process with one line on stderr and exit code 2."""
+    """Call main(args); a bad input ends the process with one line on stderr and exit code 2.
+
+    Every process of a job parses the same flags and reads the same files, so their errors are the same:
+    rank 0 prints it, once for the job. A RankInputError is printed by the process it concerns.
+    """
     from vision_transformer import UnknownArchError
     try:
         main(args)
     except (InputError, UnknownArchError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, RankInputError):
+            print(f"error: rank {launch_rank()}: {e}", file=sys.stderr, flush=True)
+        elif launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -110,7 +127,7 @@ def init_distributed_mode(args) -> None:
 
     if torch.cuda.is_available():
         if args.gpu >= torch.cuda.device_count():
-            raise InputError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
+            raise RankInputError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
         torch.cuda.set_device(args.gpu)
         args.device = torch.device("cuda", args.gpu)
     else:
@@ -120,15 +137,51 @@ def init_distributed_mode(args) -> None:
         backend = "nccl" if args.device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
                                 rank=args.rank, device_id=args.device if backend == "nccl" else None)
-        dist.barrier()
+        barrier()
     print_main(f"| distributed: world size {args.world_size}, rank {args.rank}, device {args.device}")
 
 
+# Every collective goes through the helpers below. A process group serves tensors of some device types only: gloo
+# CPU (and CUDA) tensors, NCCL CUDA tensors alone ("No backend type associated with device type cpu"). The helpers
+# reduce a tensor where it lives when the group serves its device, else on a copy on the group's device.
+
+
+def _group_device(device: torch.device) -> torch.device:
+    """Where a collective on a tensor of `device` runs: that device if the process group serves its type, else the
+    first device type the group serves (CUDA: this process's GPU)."""
+    served = [pair.split(":")[0] for pair in dist.get_backend_config().split(",")]  # e.g. "cuda:nccl"
+    if device.type in served:
+        return device
+    if served[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(served[0])
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over processes in place; a no-op in one process."""
-    if is_dist_avail_and_initialized():
-        dist.all_reduce(t)
+    """Sum a tensor over processes in place and return it; a no-op in one process."""
+    if not is_dist_avail_and_initialized():
+        return t
+    buf = t.to(_group_device(t.device))
+    dist.all_reduce(buf)
+    if buf is not t:
+        t.copy_(buf.to(t.device))
     return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the same-shaped tensors of all processes, in rank order; t itself in one process."""
+    if not is_dist_avail_and_initialized():
+        return t
+    buf = t.contiguous().to(_group_device(t.device))
+    out = [torch.empty_like(buf) for _ in range(get_world_size())]
+    dist.all_gather(out, buf)
+    return torch.cat(out).to(t.device)
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in one process)."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
 
 
 def fix_random_seeds(seed: int = 31) -> None:
@@ -158,19 +211,10 @@ def wrap_ddp(model: nn.Module, args) -> nn.Module:
     return LocalWrapper(model)
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate along dim 0 the same-shaped tensors of all processes, in rank order; t itself in one process."""
-    if not is_dist_avail_and_initialized():
-        return t
-    out = [torch.empty_like(t) for _ in range(get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
 def shutdown_distributed() -> None:
     """Wait for every process, then leave the process group, so no rank exits while a peer still talks to it."""
     if is_dist_avail_and_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -186,6 +230,43 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (use on/off, true/false, 1/0)")
 
 
+class Domain:
+    """The values a numeric flag allows: a range whose bounds (None: none) are each inclusive or not, or a set."""
+
+    def __init__(self, low: float = None, high: float = None, low_inclusive: bool = True,
+                 high_inclusive: bool = True, values=None):
+        self.low, self.high, self.low_inclusive, self.high_inclusive = low, high, low_inclusive, high_inclusive
+        self.values = frozenset(values) if values is not None else None
+
+    def __contains__(self, x) -> bool:
+        if self.values is not None:
+            return x in self.values
+        if not math.isfinite(x):  # inf passes a lone lower bound and trains to nan all the same
+            return False
+        above = self.low is None or x > self.low or (self.low_inclusive and x == self.low)
+        below = self.high is None or x < self.high or (self.high_inclusive and x == self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.values is not None:
+            return "one of " + ", ".join(map(str, sorted(self.values)))
+        if self.high is None:
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        if self.low is None:
+            return f"{'<=' if self.high_inclusive else '<'} {self.high:g}"
+        return (f"in {'[' if self.low_inclusive else '('}{self.low:g}, "
+                f"{self.high:g}{']' if self.high_inclusive else ')'}")
+
+    def __repr__(self) -> str:
+        return f"Domain({self})"
+
+
+POSITIVE = Domain(low=0, low_inclusive=False)
+NON_NEGATIVE = Domain(low=0)
+AT_LEAST_ONE = Domain(low=1)
+FRACTION = Domain(0, 1, low_inclusive=False)  # a share of the image area or of the attention mass: (0, 1]
+
+
 def add_model_args(parser: argparse.ArgumentParser, patch_size: int = 16) -> None:
     """--arch and --patch_size; any name is accepted here and checked by build_model (no network at parse time)."""
     parser.add_argument("--arch", default="vit_small", type=str,
@@ -194,6 +275,9 @@ def add_model_args(parser: argparse.ArgumentParser, patch_size: int = 16) -> Non
     parser.add_argument("--patch_size", default=patch_size, type=int, help=f"""Size in pixels of input square
         patches - default {patch_size} (for {patch_size}x{patch_size} patches). Using smaller values leads to better
         performance but requires more memory. Applies only for ViTs (vit_tiny, vit_small and vit_base).""")
+
+
+MODEL_FLAG_DOMAINS = {"patch_size": AT_LEAST_ONE}
 
 
 def add_weights_args(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +297,9 @@ def add_distributed_args(parser: argparse.ArgumentParser, num_workers: int = 10)
                         help="Please ignore and do not set this argument.")
 
 
+DISTRIBUTED_FLAG_DOMAINS = {"num_workers": NON_NEGATIVE, "local_rank": NON_NEGATIVE}
+
+
 def add_eval_size_args(parser: argparse.ArgumentParser) -> None:
     """--resize_size and --crop_size of the evaluation transform (256 and 224 as the paper; less for small images)."""
     parser.add_argument("--resize_size", default=256, type=int, help="""Evaluation images are resized (bicubic)
@@ -220,6 +307,38 @@ def add_eval_size_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop_size", default=224, type=int, help="""Side of the center crop of evaluation images
         (and of the random-resized crops that train a linear classifier); 224 as the paper. For small images such as
         Fashion-MNIST's 28x28 use e.g. --resize_size 32 --crop_size 28.""")
+
+
+# crop_size above resize_size is allowed: CenterCrop pads
+EVAL_SIZE_FLAG_DOMAINS = {"resize_size": AT_LEAST_ONE, "crop_size": AT_LEAST_ONE}
+
+
+def check_flag_domains(args: argparse.Namespace, domains: dict) -> None:
+    """InputError naming the first flag of domains ({dest: Domain}) whose value, or any element of it, is outside."""
+    for name, domain in domains.items():
+        value = getattr(args, name)
+        if value is None:  # a None default means "unset": nothing to check
+            continue
+        elements = value if isinstance(value, (list, tuple)) else [value]
+        bad = [x for x in elements if x not in domain]
+        if not bad:
+            continue
+        each = "each value " if elements is value else ""
+        finite = "" if domain.values is not None or all(map(math.isfinite, bad)) else "a finite number "
+        raise InputError(f"--{name} {' '.join(map(str, elements))}: {each}must be {finite}{domain}")
+
+
+def check_patch_fits(args, *size_flags: str, arch: str = None) -> None:
+    """For a ViT (arch, default --arch), InputError when --patch_size is larger than a crop it sees (size_flags)."""
+    from vision_transformer import VIT_ARCHS
+    arch = arch or args.arch
+    if arch not in VIT_ARCHS:
+        return
+    for flag in size_flags:
+        size = getattr(args, flag)
+        if args.patch_size > size:
+            raise InputError(f"--patch_size {args.patch_size} is larger than --{flag} {size}: {arch} cuts every "
+                             f"crop into {args.patch_size}x{args.patch_size} patches")
 
 
 # ============ checkpoints and weights ============
@@ -262,8 +381,11 @@ def attention_weights_url(arch: str, patch_size: int) -> str:
 
 
 # What the original's full checkpoints pickle besides tensors: args as an argparse.Namespace, and numpy scalars
-# (the learning rate in the optimizer state). Data only: allowing them lets no code run at load time.
-CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, np._core.multiarray.scalar, np.dtype] + \
+# (the learning rate in the optimizer state). Data only: allowing them lets no code run at load time. A pickle names
+# the scalar's module as the NumPy that wrote it spelt it: numpy.core (NumPy 1, the original's) or numpy._core (2).
+_numpy_scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, np.dtype, (_numpy_scalar, "numpy.core.multiarray.scalar"),
+                           (_numpy_scalar, "numpy._core.multiarray.scalar")] + \
     [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
 
 
@@ -302,8 +424,22 @@ def extract_backbone_state_dict(state_dict: dict, checkpoint_key: str = "teacher
     return state_dict
 
 
+# torch.nn.utils.parametrizations.weight_norm's keys for what torch.nn.utils.weight_norm calls weight_g and weight_v
+WEIGHT_NORM_PARAMETRIZATION_KEYS = {"parametrizations.weight.original0": "weight_g",
+                                    "parametrizations.weight.original1": "weight_v"}
+
+
+def legacy_key(key: str) -> str:
+    """A state-dict key written with weight_norm's parametrization, in the weight_g/weight_v spelling we use."""
+    for new, old in WEIGHT_NORM_PARAMETRIZATION_KEYS.items():
+        if key.endswith(new):
+            return key[:-len(new)] + old
+    return key
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> None:
     """load_state_dict(strict=True) whose failure is one line naming the keys and shapes that disagree."""
+    state_dict = {legacy_key(k): v for k, v in state_dict.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -358,22 +494,130 @@ def save_on_master(obj, path: str) -> None:
             os.remove(tmp)
 
 
-def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, **kwargs) -> None:
-    """Load each kwarg's state dict from the checkpoint at ckp_path; fill run_variables (e.g. epoch)."""
+def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, optional: tuple = (), **kwargs) -> dict:
+    """Load each kwarg's state from the checkpoint at ckp_path, fill run_variables (e.g. epoch); return the checkpoint.
+
+    Modules load strictly (one line naming the shapes that disagree); an optimizer loads through
+    load_optimizer_state, by parameter name when `params_of` is (the checkpoint key of the optimizer's model,
+    that model). A key of `optional` that the checkpoint lacks is skipped (the original skipped every absent key).
+    Returns {} when there is no checkpoint.
+    """
     if not os.path.isfile(ckp_path):
-        return
+        return {}
     print_main(f"Found checkpoint at {ckp_path}")
     checkpoint = torch_load(ckp_path)
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{ckp_path}: not a checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    params_of = kwargs.pop("params_of", None)
     for key, value in kwargs.items():
         if value is None:
             continue
         if key not in checkpoint:
+            if key in optional:  # the caller says what that means
+                continue
             raise InputError(f"{ckp_path}: no key {key!r}; it has: {', '.join(checkpoint)}")
-        value.load_state_dict(checkpoint[key])
+        if isinstance(value, nn.Module):
+            load_state_dict_strict(value, checkpoint[key], f"{ckp_path} (key {key!r})")
+        elif isinstance(value, torch.optim.Optimizer):
+            saved_names = None
+            if params_of is not None and params_of[0] in checkpoint:
+                saved_names = [legacy_key(k) for k in checkpoint[params_of[0]]]
+            load_optimizer_state(value, checkpoint[key], f"{ckp_path} (key {key!r})",
+                                 params_of[1] if params_of else None, saved_names)
+        else:
+            value.load_state_dict(checkpoint[key])
         print_main(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
     for var_name in run_variables or {}:
         if var_name in checkpoint:
             run_variables[var_name] = checkpoint[var_name]
+    return checkpoint
+
+
+# How the optimizer's implementation runs, not what it computes: ours is kept when a checkpoint written on another
+# device or torch version is loaded (its saved groups would replace them otherwise)
+OPTIMIZER_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str, model: nn.Module = None,
+                         saved_names: list = None) -> None:
+    """optimizer.load_state_dict that puts every saved moment on the parameter it belongs to, or says why not.
+
+    torch stores optimizer state by position in the parameter groups. The checkpoint's model state dict lists
+    the saver's parameters in its own order (saved_names, its keys); with the model whose parameters the
+    optimizer holds, each saved position is mapped to a parameter name, so a checkpoint written with another
+    parameter order (the original's weight_g before weight_v, or our releases before it) loads right. The
+    groups are get_params_groups': regularized weights, then biases and 1-D parameters; parameters the saver
+    froze are found by matching the saved group sizes. Every moment must have its parameter's shape.
+    """
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise InputError(f"{source}: not an optimizer state (no 'state' and 'param_groups')")
+    own = optimizer.state_dict()
+    own_groups, saved_groups = own["param_groups"], state["param_groups"]
+    if len(own_groups) != len(saved_groups):
+        raise InputError(f"{source}: {len(saved_groups)} parameter groups in the file, {len(own_groups)} here "
+                         f"(another --optimizer or another version's parameter groups)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # index i of the state dict is params[i]
+    names, frozen = _saved_positions(model, params, saved_names, [len(g["params"]) for g in saved_groups])
+    if frozen is not None and frozen != {n for n, p in model.named_parameters() if not p.requires_grad}:
+        print_main(f"{source}: the checkpoint was trained with {', '.join(sorted(frozen)) or 'nothing'} frozen; "
+                   f"what is trained here and was not there starts with zero moments")
+    if names is None:  # no names to go by: position i is parameter i, as torch assumes
+        names = list(range(len(params)))
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
+            raise InputError(f"{source}: the parameter groups hold {[len(g['params']) for g in saved_groups]} "
+                             f"parameters in the file, {[len(g['params']) for g in own_groups]} here")
+        names_here = list(range(len(params)))
+    else:
+        names_here = _param_names(model, params)
+    own_index = {name: i for i, name in enumerate(names_here)}
+    remapped, dropped = {}, []
+    for position, moments in state["state"].items():
+        name = names[int(position)] if int(position) < len(names) else None
+        if name not in own_index:
+            dropped.append(str(name))
+            continue
+        p = params[own_index[name]]
+        for k, v in moments.items():
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
+                raise InputError(f"{source}: the optimizer's {k!r} of {name} is {list(v.shape)} in the file, the "
+                                 f"parameter is {list(p.shape)} here")
+        remapped[own_index[name]] = moments
+    if dropped:
+        print_main(f"{source}: optimizer state of {len(dropped)} parameters not trained here dropped "
+                   f"({', '.join(dropped[:3])})")
+    groups = [{**saved, **{k: own_g[k] for k in OPTIMIZER_IMPLEMENTATION_KEYS if k in own_g},
+               "params": own_g["params"]} for saved, own_g in zip(saved_groups, own_groups)]
+    optimizer.load_state_dict({"state": remapped, "param_groups": groups})
+
+
+def _param_names(model: nn.Module, params: list) -> list:
+    """The names in `model` of the parameters `params`."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+def _saved_positions(model, params: list, saved_names, saved_group_sizes: list) -> tuple:
+    """(the saver's parameter name at each position of its optimizer state, the names it froze), or (None, None)
+    without names to go by.
+
+    The saver's named_parameters order is its state dict's key order (both visit each module's own
+    parameters, then its children); its groups are get_params_groups' two, without the parameters it froze.
+    """
+    if model is None or not saved_names:
+        return None, None
+    own = dict(model.named_parameters())
+    ordered = [n for n in saved_names if n in own]
+    if len(ordered) != len(own):
+        return None, None  # another model: its state dict already failed to load, or names cannot be trusted
+    frozen_here = {n for n, p in own.items() if not p.requires_grad}
+    # the saver may have trained what we freeze, or frozen what we train (--norm_last_layer changed on resume)
+    for frozen in (frozen_here, set(), {n for n in own if n.endswith("last_layer.weight_g")}):
+        trained = [n for n in ordered if n not in frozen]
+        regularized = [n for n in trained if not (n.endswith(".bias") or own[n].ndim == 1)]
+        not_regularized = [n for n in trained if n.endswith(".bias") or own[n].ndim == 1]
+        if [len(regularized), len(not_regularized)] == list(saved_group_sizes):
+            return regularized + not_regularized, frozen
+    return None, None
 
 
 # ============ data ============
@@ -593,8 +837,7 @@ def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: in
 
 @torch.no_grad()
 def knn_classifier(train_features, train_labels, test_features, test_labels, nb_knn, T: float, num_classes: int,
-                   test_chunk: int = 0, train_chunk: int = 2**17, rank: int = 0, world_size: int = 1,
-                   comm_device: torch.device = None) -> dict:
+                   test_chunk: int = 0, train_chunk: int = 2**17, rank: int = 0, world_size: int = 1) -> dict:
     """{k: (top1, top5)} in percent for each k in nb_knn, features L2-normalised, labels in [0, num_classes).
 
     For every query, the k training features of highest cosine similarity vote for their
@@ -637,8 +880,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, nb_
             hits = predictions == targets[:, None]
             correct[j, 0] += hits[:, 0].sum()
             correct[j, 1] += hits.any(dim=1).sum()
-    if world_size > 1:  # the collective runs where the process group's backend wants it (NCCL: the GPU)
-        correct = all_reduce_sum(correct.to(comm_device or device))
+    if world_size > 1:
+        correct = all_reduce_sum(correct)
     total = len(test_features)
     return {k: (100.0 * correct[j, 0].item() / total, 100.0 * correct[j, 1].item() / total)
             for j, k in enumerate(nb_knn)}
@@ -995,23 +1238,25 @@ class MultiCropWrapper(nn.Module):
     def forward(self, x):
         if not isinstance(x, (list, tuple)):
             x = [x]
+        backbone, head = self.__dict__.get("_compiled", (self.backbone, self.head))
         sizes = [inp.shape[-1] for inp in x]
         outputs, start = [], 0
         for end in range(1, len(x) + 1):  # group runs of equal resolution
             if end == len(x) or sizes[end] != sizes[start]:
-                out = self.backbone(torch.cat(x[start:end]))
+                out = backbone(torch.cat(x[start:end]))
                 outputs.append(out[0] if isinstance(out, tuple) else out)
                 start = end
-        return self.head(torch.cat(outputs))
+        return head(torch.cat(outputs))
 
     def compile_parts(self, **compile_kwargs) -> None:
-        """torch.compile the backbone and the head in place (state dict keys unchanged).
+        """torch.compile the backbone and the head for this wrapper's forward (state dict keys unchanged).
 
         Static shapes: batch and crop sizes are fixed during training, so each crop resolution gets its own
-        specialised graph instead of one graph with symbolic shapes.
+        specialised graph instead of one graph with symbolic shapes. `self.backbone` itself stays eager, so the
+        k-NN monitoring, which runs it at other batch sizes under inference mode, compiles nothing.
         """
-        self.backbone.compile(dynamic=False, **compile_kwargs)
-        self.head.compile(dynamic=False, **compile_kwargs)
+        compiled = tuple(torch.compile(m, dynamic=False, **compile_kwargs) for m in (self.backbone, self.head))
+        self.__dict__["_compiled"] = compiled  # not a submodule: the compiled wrappers share the parameters
 
 
 class DINOLoss(nn.Module):
@@ -1237,6 +1482,21 @@ class MetricLogger:
             end = time.time()
         total = time.time() - start
         print_main(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)")
+
+
+def logged_epochs(output_dir: str) -> set:
+    """The epochs that output_dir/log.txt has a line for (empty without the file)."""
+    path = os.path.join(output_dir, "log.txt")
+    if not os.path.isfile(path):
+        return set()
+    epochs = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                epochs.add(json.loads(line)["epoch"])
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write, or not ours
+                continue
+    return epochs
 
 
 def append_log(output_dir: str, stats: dict) -> None:

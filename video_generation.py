@@ -58,7 +58,15 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {
+    **utils.MODEL_FLAG_DOMAINS, "threshold": utils.FRACTION, "resize": utils.AT_LEAST_ONE, "fps": utils.POSITIVE,
+    "batch_size": utils.AT_LEAST_ONE, "num_workers": utils.NON_NEGATIVE,
+}
+
+
 def check_args(args) -> None:
+    """One-line errors for flag values and paths that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
     if not args.input_path:
         raise utils.InputError("--input_path is required: a video file or a folder of frames")
     if not os.path.exists(args.input_path):
@@ -67,13 +75,9 @@ def check_args(args) -> None:
         raise utils.InputError(f"--video_only: --input_path {args.input_path} must be a folder of images")
     if args.video_only and args.resize:
         raise utils.InputError("--resize sets the size the model sees; --video_only assembles images as they are")
-    if args.resize is not None and (not 1 <= len(args.resize) <= 2 or min(args.resize) < 1):
+    if args.resize is not None and not 1 <= len(args.resize) <= 2:
         raise utils.InputError(f"--resize {' '.join(map(str, args.resize))}: give one size (shorter side) "
-                               f"or two (height width), positive")
-    if not 0 < args.threshold <= 1:
-        raise utils.InputError(f"--threshold {args.threshold}: must be in (0, 1], the fraction of attention mass kept")
-    if args.fps <= 0 or args.batch_size < 1 or args.num_workers < 0:
-        raise utils.InputError("--fps and --batch_size must be positive, --num_workers at least 0")
+                               f"or two (height width)")
 
 
 def main(args):

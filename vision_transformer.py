@@ -222,8 +222,10 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         v = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's own initialisation
-        self.weight_v = nn.Parameter(v)
+        # g before v, as torch's weight_norm registers them: optimizer state is stored by parameter position, so
+        # the original's checkpoints (norm_last_layer false: g is trained) resume only in this order
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(v)
         self._register_load_state_dict_pre_hook(_rename_parametrized_weight_norm)
 
     @property

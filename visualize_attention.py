@@ -39,12 +39,15 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "image_size": utils.AT_LEAST_ONE, "threshold": utils.FRACTION}
+
+
 def check_args(args) -> None:
-    if not 1 <= len(args.image_size) <= 2 or min(args.image_size) < 1:
+    """One-line errors for flag values that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+    if not 1 <= len(args.image_size) <= 2:
         raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: give one size (shorter side) "
-                               f"or two (height width), positive")
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise utils.InputError(f"--threshold {args.threshold}: must be in (0, 1], the fraction of attention mass kept")
+                               f"or two (height width)")
 
 
 def load_image(image_path) -> Image.Image:

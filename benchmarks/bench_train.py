@@ -79,15 +79,22 @@ def get_args_parser():
     return parser
 
 
+# Flags that main_dino.py has too take its domains
+FLAG_DOMAINS = {
+    **{name: main_dino.FLAG_DOMAINS[name] for name in ("patch_size", "batch_size_per_gpu", "out_dim",
+                                                       "global_crops_size", "local_crops_size",
+                                                       "local_crops_number", "num_workers", "knn_batch_size")},
+    "iters": utils.AT_LEAST_ONE, "warmup": utils.NON_NEGATIVE, "num_images": utils.AT_LEAST_ONE,
+    "image_size": utils.Domain(low=8), "aug_worker_images": utils.AT_LEAST_ONE,
+}
+
+
 def check_args(args) -> None:
     """One-line errors for values that would fail later."""
-    for name in ("iters", "num_images", "knn_batch_size", "aug_worker_images"):
-        if getattr(args, name) < 1:
-            raise utils.InputError(f"--{name} {getattr(args, name)}: must be at least 1")
-    if args.warmup < 0 or args.num_workers < 0 or min(args.batch_size_per_gpu) < 1:
-        raise utils.InputError("--warmup and --num_workers must be >= 0, --batch_size_per_gpu >= 1")
-    if min(args.image_size) < 8:
-        raise utils.InputError(f"--image_size {args.image_size[0]} {args.image_size[1]}: at least 8x8")
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+    crops = ["global_crops_size"] + (["local_crops_size"] if args.local_crops_number else [])
+    for arch in args.arch:
+        utils.check_patch_fits(args, *crops, arch=arch)
     if args.data_path:
         utils.check_image_folder(args.data_path)
 

@@ -70,6 +70,13 @@ def write_split(root, colours, per_class, rng, size=40):
             Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.png"))
 
 
+def free_port():
+    """A loopback TCP port free at this moment, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A 3-class, 24-image ImageFolder of 32x32 PNGs."""

@@ -5,7 +5,6 @@ import math
 import os
 import re
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 import eval_knn
 import utils
-from conftest import run_script, write_split
+from conftest import free_port, run_script, write_split
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -152,12 +151,6 @@ def test_checkpoint_layouts_and_keys(setup, tmp_path, capsys):
     capsys.readouterr()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(setup, tmp_path):
     """torchrun with 2 processes (uneven batch counts, one unreadable image) gives the one-process features."""
@@ -199,7 +192,7 @@ def test_published_weights_by_default_offline_error(setup, tmp_path, monkeypatch
     ("patch", r"shapes differ: pos_embed \[1, 197, 192\] in file vs \[1, 785, 192\] in model; "
               r"patch_embed.proj.weight \[192, 3, 16, 16\] in file vs \[192, 3, 8, 8\] in model"),
     ("load_features", r"--load_features .*: no testfeat.pth"),
-    ("nb_knn", r"--nb_knn 10 0: every k must be at least 1"),
+    ("nb_knn", r"--nb_knn 10 0: each value must be >= 1"),
 ])
 def test_bad_input(setup, tmp_path, case, match):
     root, model = setup

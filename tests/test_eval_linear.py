@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 
 import eval_linear
 import utils
-from conftest import run_script, write_split
+from conftest import free_port, run_script, write_split
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -235,12 +234,6 @@ def test_published_linear_weights_by_default_offline_error(trained, tmp_path, mo
         eval_linear.main(linear_args("--arch", "vit_small", "--evaluate", "--data_path", root / "data",
                                      "--pretrained_weights", tmp_path / "vits16.pth"))
     assert f"No --linear_weights given: using the published linear weights {url}" in capsys.readouterr().out
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

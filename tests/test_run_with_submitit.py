@@ -118,7 +118,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--nodes", "0"], "--nodes 0: must be at least 1"),
+    (["--nodes", "0"], "--nodes 0: must be >= 1"),
     (["--ngpus", "4", "--tasks_per_node", "8"], "--tasks_per_node 8 is more than --ngpus 4"),
     (["--cpus_per_task", "0"], "--cpus_per_task 0"),
     (["--mem_gb", "-1"], "--mem_gb -1.0"),

@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 
 import utils
-from conftest import make_image_folder
+from conftest import free_port, make_image_folder
 from vision_transformer import build_model
 
 # ============ schedules ============
@@ -84,7 +84,7 @@ def _center_worker(rank, world_size, port, results):
 
 
 def test_center_is_the_mean_over_all_processes():
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_center_worker, args=(2, port, results), nprocs=2, join=True)
@@ -92,13 +92,6 @@ def test_center_is_the_mean_over_all_processes():
     expected = 0.1 * torch.cat([t0, t1]).mean(0, keepdim=True)
     torch.testing.assert_close(c0, expected)
     torch.testing.assert_close(c1, expected)
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ============ optimisation ============

@@ -14,6 +14,9 @@ import sys
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import utils  # noqa: E402
+
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat",
            "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot"]
@@ -30,6 +33,15 @@ def get_args_parser():
     parser.add_argument("--train_per_class", default=0, type=int, help="Images per class in train/ (0: all).")
     parser.add_argument("--val_per_class", default=0, type=int, help="Images per class in val/ (0: all).")
     return parser
+
+
+FLAG_DOMAINS = {"size": utils.AT_LEAST_ONE, "train_per_class": utils.NON_NEGATIVE,
+                "val_per_class": utils.NON_NEGATIVE}
+
+
+def check_args(args) -> None:
+    """One-line errors for flag values that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -62,6 +74,7 @@ def export_split(images: np.ndarray, labels: np.ndarray, out: str, size: int, pe
 
 
 def main(args):
+    check_args(args)
     for split, (images_file, labels_file) in SPLITS.items():
         paths = [os.path.join(args.source, f) for f in (images_file, labels_file)]
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -78,4 +91,4 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Fashion-MNIST to ImageFolder", parents=[get_args_parser()])
-    main(parser.parse_args())
+    utils.run_main(main, parser.parse_args())

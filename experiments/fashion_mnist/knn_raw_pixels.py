@@ -27,6 +27,14 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {"nb_knn": utils.AT_LEAST_ONE, "temperature": utils.POSITIVE}
+
+
+def check_args(args) -> None:
+    """One-line errors for flag values that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+
+
 def load_pixels(dataset) -> tuple:
     """(N, H*W) L2-normalised greyscale pixels and (N,) labels of an ImageFolderSkipBad without transform."""
     rows, labels = [], []
@@ -45,8 +53,7 @@ def load_pixels(dataset) -> tuple:
 
 
 def main(args):
-    if not args.temperature > 0:
-        raise utils.InputError(f"--temperature {args.temperature}: must be positive")
+    check_args(args)
     dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, None, None)
     train_features, train_labels = load_pixels(dataset_train)
     test_features, test_labels = load_pixels(dataset_val)

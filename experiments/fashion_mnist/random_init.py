@@ -26,7 +26,16 @@ def get_args_parser():
     return parser
 
 
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "seed": utils.NON_NEGATIVE}
+
+
+def check_args(args) -> None:
+    """One-line errors for flag values that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+
+
 def main(args):
+    check_args(args)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, patch_size=args.patch_size)
     out_dir = os.path.dirname(os.path.abspath(args.output))
