@@ -59,13 +59,13 @@ def check_args(args) -> None:
 
 def main(args):
     check_args(args)  # before the rendezvous, so that a typo does not wait for every process
-    utils.init_distributed_mode(args)
+    dist_env = utils.init_distributed_mode(args)
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    on_gpu = args.use_cuda and args.device.type == "cuda"
+    on_gpu = args.use_cuda and dist_env.device.type == "cuda"
     if args.use_cuda and not on_gpu:
         utils.print_main("--use_cuda: no GPU here, the features stay on the CPU")
-    storage = args.device if on_gpu else torch.device("cpu")
+    storage = dist_env.device if on_gpu else torch.device("cpu")
 
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_features(args.load_features, storage)
@@ -79,21 +79,21 @@ def main(args):
                          f"in {num_classes} classes.")
 
         # ============ building network ... ============
-        model = utils.build_frozen_backbone(args)
+        model = utils.build_frozen_backbone(args, dist_env.device)
 
         # ============ extracting features ... ============
         utils.print_main("Extracting features for train set...")
         train_features, train_labels = utils.extract_features(model, dataset_train, args.batch_size_per_gpu,
-                                                              args.num_workers, args.device, storage)
+                                                              args.num_workers, dist_env.device, storage)
         utils.print_main("Extracting features for val set...")
         test_features, test_labels = utils.extract_features(model, dataset_val, args.batch_size_per_gpu,
-                                                            args.num_workers, args.device, storage)
+                                                            args.num_workers, dist_env.device, storage)
         if args.dump_features and utils.is_main_process():
             dump_features(args.dump_features, train_features, test_features, train_labels, test_labels)
 
     # ============ k-NN classification ... ============
     results = utils.knn_classifier(train_features, train_labels, test_features, test_labels, args.nb_knn,
-                             args.temperature, num_classes, rank=args.rank, world_size=args.world_size)
+                             args.temperature, num_classes, rank=dist_env.rank, world_size=dist_env.world_size)
     for k, (top1, top5) in results.items():
         utils.print_main(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
     utils.shutdown_distributed()

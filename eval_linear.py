@@ -46,9 +46,9 @@ def get_args_parser():
                         help="Folder with train/ and val/ ImageFolders.")
     parser.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
     parser.add_argument("--output_dir", default=".", help="Path to save logs and checkpoints")
-    parser.add_argument("--num_labels", default=1000, type=int, help="""Number of labels for linear classifier.
-        The default 1000 stands for "the number of classes of --data_path", which replaces it; any other value
-        must equal that number.""")
+    parser.add_argument("--num_labels", default=None, type=int, help="""Number of labels for linear classifier
+        (default: the number of classes of --data_path; a value given must equal it). The original's default was
+        1000, ImageNet's.""")
     parser.add_argument("--evaluate", dest="evaluate", action="store_true",
                         help="Only evaluate a linear classifier on val/ (see --linear_weights), no training.")
     parser.add_argument("--linear_weights", default="", type=str, help="""With --evaluate: linear classifier
@@ -84,19 +84,19 @@ def check_args(args) -> None:
 
 def main(args):
     check_args(args)  # before the rendezvous, so that a typo does not wait for every process
-    utils.init_distributed_mode(args)
+    dist_env = utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
 
     # ============ preparing data ... ============
-    train_loader, val_loader = build_data_loaders(args)
+    train_loader, val_loader, num_labels = build_data_loaders(args, dist_env)
 
     # ============ building network ... ============
-    model = utils.build_frozen_backbone(args)
+    model = utils.build_frozen_backbone(args, dist_env.device)
     feat_dim = check_feature_args(model, args)
-    linear_classifier = utils.wrap_ddp(LinearClassifier(feat_dim, args.num_labels).to(args.device), args)
+    linear_classifier = utils.wrap_ddp(LinearClassifier(feat_dim, num_labels).to(dist_env.device), dist_env)
 
     if args.evaluate:
         load_linear_weights(linear_classifier, args)
@@ -107,7 +107,7 @@ def main(args):
 
     # ============ preparing optimizer ... ============
     optimizer = torch.optim.SGD(linear_classifier.parameters(),
-                                lr=args.lr * (args.batch_size_per_gpu * args.world_size) / 256.,  # linear scaling
+                                lr=args.lr * (args.batch_size_per_gpu * dist_env.world_size) / 256.,  # linear scaling
                                 momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
@@ -154,10 +154,10 @@ def main(args):
     utils.shutdown_distributed()
 
 
-def build_data_loaders(args):
+def build_data_loaders(args, dist_env: utils.Distributed):
     """Training: RandomResizedCrop + flip, shuffled over processes; val: the evaluation transform, split in order.
 
-    Sets args.num_labels to the number of classes when it is left at the default 1000.
+    Also returns the number of classes, which --num_labels must equal when it is given.
     """
     normalize = transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
     train_transform = transforms.Compose([
@@ -170,28 +170,25 @@ def build_data_loaders(args):
     dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, train_transform, val_transform,
                                                            need_train=not args.evaluate)
     num_classes = len(dataset_val.classes)
-    if args.num_labels != num_classes:
-        if args.num_labels != 1000:
-            raise utils.InputError(f"--num_labels {args.num_labels}: {args.data_path} has {num_classes} classes")
-        utils.print_main(f"--num_labels: using the {num_classes} classes of {args.data_path} instead of 1000")
-        args.num_labels = num_classes
-    on_gpu = args.device.type == "cuda"
+    if args.num_labels is not None and args.num_labels != num_classes:
+        raise utils.InputError(f"--num_labels {args.num_labels}: {args.data_path} has {num_classes} classes")
+    on_gpu = dist_env.device.type == "cuda"
     workers = dict(num_workers=args.num_workers, pin_memory=on_gpu,
                    multiprocessing_context=utils.worker_start_method(args.num_workers))
     val_loader = torch.utils.data.DataLoader(
         dataset_val, batch_sampler=utils.ShardedBatchSampler(len(dataset_val), args.batch_size_per_gpu,
-                                                             args.rank, args.world_size),
+                                                             dist_env.rank, dist_env.world_size),
         persistent_workers=args.num_workers > 0 and not args.evaluate, **workers)
     if args.evaluate:
         utils.print_main(f"Data loaded with {len(dataset_val)} val imgs.")
-        return None, val_loader
+        return None, val_loader, num_classes
     dataset_train = EpochSeeded(dataset_train, args.seed)
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
+    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=dist_env.world_size, rank=dist_env.rank,
                                                   shuffle=True, seed=args.seed)
     train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                                persistent_workers=args.num_workers > 0, **workers)
     utils.print_main(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
-    return train_loader, val_loader
+    return train_loader, val_loader, num_classes
 
 
 class EpochSeeded(torch.utils.data.Dataset):
@@ -301,11 +298,12 @@ def load_linear_weights(linear_classifier: nn.Module, args) -> None:
 
 def train(model, linear_classifier, optimizer, loader, epoch, args) -> dict:
     linear_classifier.train()
+    device = next(linear_classifier.parameters()).device
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
     for images, target in metric_logger.log_every(loader, 20, header):
-        images = images.to(args.device, non_blocking=True)
-        target = target.to(args.device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
         with torch.no_grad():  # the backbone is frozen: no graph, only the linear layer learns
             features = frozen_features(model, images, args)
         loss = F.cross_entropy(linear_classifier(features), target)
@@ -329,14 +327,15 @@ def validate_network(val_loader, model, linear_classifier, args) -> dict:
     """
     linear_classifier.eval()
     dataset = val_loader.dataset
-    sums = torch.zeros(4, dtype=torch.float64, device=args.device)  # loss, top-1 hits, top-5 hits, images
+    device, num_labels = next(linear_classifier.parameters()).device, linear_classifier.module.num_labels
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     for idx, (images, target) in zip(val_loader.batch_sampler, val_loader):
-        images = images.to(args.device, non_blocking=True)
-        target = target.to(args.device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
         output = linear_classifier(frozen_features(model, images, args))
-        keep = ~dataset.bad[idx].to(args.device)  # a skipped image was replaced by another one: count it once
+        keep = ~dataset.bad[idx].to(device)  # a skipped image was replaced by another one: count it once
         loss = F.cross_entropy(output, target, reduction="none")
-        top = output.topk(min(5, args.num_labels), dim=1).indices == target[:, None]  # (B, min(5, C))
+        top = output.topk(min(5, num_labels), dim=1).indices == target[:, None]  # (B, min(5, C))
         sums += torch.stack([loss[keep].sum(), top[keep, 0].sum(), top[keep].any(dim=1).sum(),
                              keep.sum()]).double()
     sums = utils.all_reduce_sum(sums)
@@ -344,7 +343,7 @@ def validate_network(val_loader, model, linear_classifier, args) -> dict:
     if n == 0:
         raise utils.InputError(f"no readable image in {dataset.folder.root}")
     stats = {"loss": sums[0].item() / n, "acc1": 100.0 * sums[1].item() / n, "n": n}
-    if args.num_labels >= 5:
+    if num_labels >= 5:
         stats["acc5"] = 100.0 * sums[2].item() / n
     utils.print_main(f"* Acc@1 {stats['acc1']:.3f}" + (f" Acc@5 {stats['acc5']:.3f}" if "acc5" in stats else "") +
                      f" loss {stats['loss']:.3f}")

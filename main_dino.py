@@ -156,29 +156,37 @@ def check_args(args) -> None:
     utils.check_patch_fits(args, *crops)
 
 
-def build_data_loader(args):
-    """Workers yield crops ready for the network (--augmentation cpu) or uint8 crops and their random parameters,
-    which utils.MultiCropOnDevice turns into the same crops on the device (--augmentation gpu)."""
+def build_data_loader(args, dist_env: utils.Distributed, augmentation: str):
+    """Workers yield crops ready for the network (augmentation cpu) or uint8 crops and their random parameters,
+    which utils.MultiCropOnDevice turns into the same crops on the device (augmentation gpu)."""
     crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
                  args.local_crops_size)
-    if args.augmentation == "gpu":
+    if augmentation == "gpu":
         transform = utils.MultiCropGeometry(*crop_args)
     else:
         transform = utils.DataAugmentationDINO(*crop_args)
     dataset = utils.ImageFolderSkipBad(args.data_path, transform=transform)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
                                                   shuffle=True, seed=args.seed)
     data_loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=args.device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+        pin_memory=dist_env.device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
     if len(data_loader) == 0:
         raise utils.InputError(f"--data_path {args.data_path} has {len(dataset)} images, fewer than one batch "
-                         f"(--batch_size_per_gpu {args.batch_size_per_gpu} x {args.world_size} processes)")
+                               f"(--batch_size_per_gpu {args.batch_size_per_gpu} x {dist_env.world_size} processes)")
     utils.print_main(f"Data loaded: there are {len(dataset)} images.")
     return data_loader
 
 
-def build_networks(args):
+def crops_to_device(augmentation: str, device: torch.device):
+    """What turns a batch of the loader into the list of crops on the device."""
+    if augmentation == "gpu":  # (uint8 crops, their random parameters) from the workers
+        augment = utils.MultiCropOnDevice(device)
+        return lambda images: augment(*images)
+    return lambda images: [im.to(device, non_blocking=True) for im in images]
+
+
+def build_networks(args, dist_env: utils.Distributed):
     """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
     student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
     teacher = build_model(args.arch, patch_size=args.patch_size)
@@ -186,17 +194,17 @@ def build_networks(args):
     student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                                                        norm_last_layer=args.norm_last_layer))
     teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
-    student, teacher = student.to(args.device), teacher.to(args.device)
+    student, teacher = student.to(dist_env.device), teacher.to(dist_env.device)
 
     if utils.has_batchnorms(student):
-        if args.world_size > 1:
+        if dist_env.world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        teacher = utils.wrap_ddp(teacher, args)  # the teacher's batch norms need synchronising too
+        teacher = utils.wrap_ddp(teacher, dist_env)  # the teacher's batch norms need synchronising too
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
-    student = utils.wrap_ddp(student, args)  # DDP, or a stand-in with the same `module.` keys
+    student = utils.wrap_ddp(student, dist_env)  # DDP, or a stand-in with the same `module.` keys
     teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
     for p in teacher.parameters():
         p.requires_grad = False
@@ -209,85 +217,66 @@ def build_networks(args):
 
 def main(args):
     check_args(args)  # before the rendezvous: a typo must not wait for every process of the job to connect
-    utils.init_distributed_mode(args)
+    dist_env = utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
-    if args.augmentation == "auto":  # batching the per-pixel steps pays where a GPU runs them
-        args.augmentation = "gpu" if args.device.type == "cuda" else "cpu"
+    # batching the per-pixel augmentation steps pays where a GPU runs them
+    augmentation = args.augmentation if args.augmentation != "auto" else \
+        "gpu" if dist_env.device.type == "cuda" else "cpu"
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    utils.print_main(f"augmentation on: {augmentation}")
     torch.backends.cudnn.benchmark = True
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     # ============ preparing data ... ============
-    data_loader = build_data_loader(args)
-    augment = utils.MultiCropOnDevice(args.device) if args.augmentation == "gpu" else None
+    data_loader = build_data_loader(args, dist_env, augmentation)
+    crops_of = crops_to_device(augmentation, dist_env.device)
     knn_datasets = build_knn_datasets(args)
 
-    # ============ building student and teacher networks ... ============
-    student, teacher, teacher_without_ddp = build_networks(args)
-
-    # ============ preparing loss ... ============
-    dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                               args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-
-    # ============ preparing optimizer and precision ... ============
-    # fused AdamW on CUDA: one kernel for all parameters, and GradScaler skips inf steps without a host sync
-    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
-                                      fused=args.device.type == "cuda")
-    autocast, fp16_scaler = build_precision(args)
+    # ============ building student and teacher networks, loss, optimizer and precision ... ============
+    dino = DINO.build(args, dist_env)
 
     # ============ init schedulers ... ============
-    niter = len(data_loader)
-    lr_schedule = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * args.world_size) / 256.,
-                                         args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    # momentum parameter is increased to 1. during training with a cosine schedule
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    schedules = Schedules.build(args, dist_env.world_size, len(data_loader))
     utils.print_main("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
-    checkpoint = resume(os.path.join(args.output_dir, "checkpoint.pth"), student, teacher, optimizer, fp16_scaler,
-                        dino_loss, args)
+    checkpoint = dino.resume(os.path.join(args.output_dir, "checkpoint.pth"))
     start_epoch = checkpoint.get("epoch", 0)
-    append_missing_log_line(checkpoint, knn_datasets, teacher_without_ddp.backbone, args)
+    append_missing_log_line(checkpoint, knn_datasets, dino.teacher_without_ddp.backbone, args, dist_env)
 
     start_time = time.time()
     knn_init = {}
     if knn_datasets and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
-        knn_init = {f"{k}_init": v for k, v in knn_monitor(teacher_without_ddp.backbone, knn_datasets, args).items()}
+        knn_init = {f"{k}_init": v for k, v in
+                    knn_monitor(dino.teacher_without_ddp.backbone, knn_datasets, args, dist_env).items()}
     utils.print_main("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         data_loader.sampler.set_epoch(epoch)
 
         # ============ training one epoch of DINO ... ============
         epoch_start = time.time()
-        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, augment,
-                                      optimizer, lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler,
-                                      autocast, args)
+        train_stats = train_one_epoch(dino, data_loader, crops_of, schedules, epoch, args)
         epoch_time = time.time() - epoch_start
 
         # ============ writing logs ... ============
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "time": round(epoch_time, 2),
-                     "images_per_s": round(niter * args.batch_size_per_gpu * args.world_size / epoch_time, 1),
+                     "images_per_s": round(len(data_loader) * args.batch_size_per_gpu * dist_env.world_size /
+                                           epoch_time, 1),
                      "skipped_images": data_loader.dataset.num_skipped(), **knn_init}
         knn_init = {}
         save_dict = {
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            **dino.state_dict(),
             "epoch": epoch + 1,
-            "args": checkpoint_args(args),
-            "dino_loss": dino_loss.state_dict(),
+            "args": checkpoint_args(args, dist_env),
             "log": log_stats,  # the epoch's log line so far: a run stopped before it reaches log.txt writes it
         }
-        if fp16_scaler.is_enabled():
-            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
         utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
         if knn_due(epoch, knn_datasets, args):
-            log_stats.update(knn_monitor(teacher_without_ddp.backbone, knn_datasets, args))
+            log_stats.update(knn_monitor(dino.teacher_without_ddp.backbone, knn_datasets, args, dist_env))
         utils.append_log(args.output_dir, log_stats)
 
     total_time = time.time() - start_time
@@ -297,31 +286,114 @@ def main(args):
     utils.shutdown_distributed()
 
 
-def resume(ckp_path: str, student, teacher, optimizer, fp16_scaler, dino_loss, args) -> dict:
-    """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
+class DINO:
+    """What one iteration of the paper's Algorithm 1 updates: the student (by its optimizer), the teacher (by EMA)
+    and the loss's center, with the precision they run in (autocast and the fp16 GradScaler)."""
 
-    Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
-    precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
-    """
-    checkpoint = utils.restart_from_checkpoint(
-        ckp_path, optional=("fp16_scaler",), student=student, teacher=teacher, optimizer=optimizer,
-        params_of=("student", student), fp16_scaler=fp16_scaler if fp16_scaler.is_enabled() else None,
-        dino_loss=dino_loss)
-    if not checkpoint:
+    def __init__(self, student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast: dict, fp16_scaler,
+                 clip_grad: float, freeze_last_layer: int):
+        self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
+        self.dino_loss, self.optimizer = dino_loss, optimizer
+        self.autocast, self.fp16_scaler = autocast, fp16_scaler
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+
+    @classmethod
+    def build(cls, args, dist_env: utils.Distributed) -> "DINO":
+        """main_dino's networks, loss, optimizer and precision for these flags, on dist_env.device."""
+        student, teacher, teacher_without_ddp = build_networks(args, dist_env)
+        dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
+        # fused AdamW on CUDA: one kernel for all parameters, and GradScaler skips inf steps without a host sync
+        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
+                                          fused=dist_env.device.type == "cuda")
+        autocast, fp16_scaler = build_precision(args, dist_env.device)
+        return cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
+                   fp16_scaler, args.clip_grad, args.freeze_last_layer)
+
+    def train_step(self, images: list, epoch: int, momentum: float) -> torch.Tensor:
+        """One DINO iteration on crops already on the device; returns the loss, left on the device (no host sync)."""
+        with torch.autocast(**self.autocast):
+            with torch.no_grad():
+                teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = self.student(images)
+            loss = self.dino_loss(student_output, teacher_output, epoch)
+
+        # student update
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fp16_scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.fp16_scaler.unscale_(self.optimizer)  # unscale the gradients in place before clipping them
+            utils.clip_gradients(self.student, self.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, self.student, self.freeze_last_layer)
+        self.fp16_scaler.step(self.optimizer)
+        self.fp16_scaler.update()
+
+        # EMA update for the teacher
+        utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict()}
+        if self.fp16_scaler.is_enabled():
+            state["fp16_scaler"] = self.fp16_scaler.state_dict()
+        return state
+
+    def resume(self, ckp_path: str) -> dict:
+        """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
+
+        Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
+        precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
+        """
+        scaler_on = self.fp16_scaler.is_enabled()
+        checkpoint = utils.restart_from_checkpoint(
+            ckp_path, optional=("fp16_scaler",), student=self.student, teacher=self.teacher,
+            optimizer=self.optimizer, params_of=("student", self.student),
+            fp16_scaler=self.fp16_scaler if scaler_on else None, dino_loss=self.dino_loss)
+        if not checkpoint:
+            return checkpoint
+        device = self.dino_loss.center.device
+        precision = "bf16" if self.autocast["dtype"] == torch.bfloat16 and self.autocast["enabled"] else \
+            "fp16" if scaler_on else "fp32"
+        if "fp16_scaler" in checkpoint and not scaler_on:
+            utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
+                             f"{device.type}, without it")
+        elif "fp16_scaler" not in checkpoint and scaler_on:
+            utils.print_main(f"{ckp_path} was trained without fp16 loss scaling (CPU, bf16 or fp32); this run uses "
+                             f"it, from the initial loss scale")
+        saved_args = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) \
+            else checkpoint.get("args") or {}
+        saved_device = str(saved_args.get("device", "cuda"))  # the original trained on GPUs only
+        if saved_device.split(":")[0] != device.type:
+            utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {device}")
         return checkpoint
-    precision = "bf16" if args.use_bf16 else "fp16" if fp16_scaler.is_enabled() else "fp32"
-    if "fp16_scaler" in checkpoint and not fp16_scaler.is_enabled():
-        utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
-                         f"{args.device.type}, without it")
-    elif "fp16_scaler" not in checkpoint and fp16_scaler.is_enabled():
-        utils.print_main(f"{ckp_path} was trained without fp16 loss scaling (CPU, bf16 or fp32); this run uses it, "
-                         f"from the initial loss scale")
-    saved_args = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) \
-        else checkpoint.get("args") or {}
-    saved_device = str(saved_args.get("device", "cuda"))  # the original trained on GPUs only
-    if saved_device.split(":")[0] != args.device.type:
-        utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {args.device}")
-    return checkpoint
+
+
+class Schedules:
+    """Per-iteration values of the paper's schedules: learning rate (linear warmup, then cosine; scaled by the
+    total batch / 256), weight decay (cosine) and teacher momentum (cosine to 1)."""
+
+    def __init__(self, lr, weight_decay, momentum):
+        self.lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
+
+    @classmethod
+    def build(cls, args, world_size: int, niter_per_epoch: int) -> "Schedules":
+        lr = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * world_size) / 256., args.min_lr,
+                                    args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs)
+        weight_decay = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch)
+        # momentum parameter is increased to 1. during training with a cosine schedule
+        momentum = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_epoch)
+        return cls(lr, weight_decay, momentum)
+
+    def apply(self, optimizer, it: int) -> float:
+        """Set iteration it's learning rate and weight decay (first group only: the others are not regularized)
+        in the optimizer; return its teacher momentum. Python floats: the checkpoint stays weights_only-loadable."""
+        for j, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = float(self.lr[it])
+            if j == 0:
+                param_group["weight_decay"] = float(self.weight_decay[it])
+        return float(self.momentum[it])
 
 
 def knn_due(epoch: int, knn_datasets, args) -> bool:
@@ -329,7 +401,7 @@ def knn_due(epoch: int, knn_datasets, args) -> bool:
     return bool(knn_datasets) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
 
 
-def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args) -> None:
+def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args, dist_env: utils.Distributed) -> None:
     """Write the log line of the checkpoint's epoch if log.txt lacks it (a run stopped after its checkpoint).
 
     The checkpoint keeps the line as it was before the k-NN monitoring; the monitoring is run again on the
@@ -344,7 +416,7 @@ def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args) -> N
         return
     line = dict(line)
     if knn_due(line["epoch"], knn_datasets, args):
-        line.update(knn_monitor(backbone, knn_datasets, args))
+        line.update(knn_monitor(backbone, knn_datasets, args, dist_env))
     utils.append_log(args.output_dir, line)
     utils.print_main(f"log.txt had no line for epoch {line['epoch']} (the run stopped after its checkpoint): "
                      f"written from the checkpoint")
@@ -358,61 +430,54 @@ def build_knn_datasets(args):
     return utils.build_eval_datasets(args.knn_data_path, transform, transform)
 
 
-def knn_monitor(backbone, knn_datasets, args) -> dict:
+def knn_monitor(backbone, knn_datasets, args, dist_env: utils.Distributed) -> dict:
     """Weighted k-NN top-1/top-5 (percent) of the backbone's features on --knn_data_path, as eval_knn.py computes."""
     train, val = knn_datasets
     was_training = backbone.training
     backbone.eval()
-    bank, bank_labels = utils.extract_features(backbone, train, args.knn_batch_size, args.num_workers, args.device,
-                                               args.device)
-    queries, labels = utils.extract_features(backbone, val, args.knn_batch_size, args.num_workers, args.device,
-                                             args.device)
+    device = dist_env.device
+    bank, bank_labels = utils.extract_features(backbone, train, args.knn_batch_size, args.num_workers, device, device)
+    queries, labels = utils.extract_features(backbone, val, args.knn_batch_size, args.num_workers, device, device)
     backbone.train(was_training)
     results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
-                                   len(train.classes), rank=args.rank, world_size=args.world_size)
+                                   len(train.classes), rank=dist_env.rank, world_size=dist_env.world_size)
     top1, top5 = results[args.knn_k]
     utils.print_main(f"k-NN monitoring ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, top-5 {top5:.2f}")
     return {"knn_top1": top1, "knn_top5": top5}
 
 
-def checkpoint_args(args) -> dict:
-    """args as a plain dict of builtins, so the checkpoint loads with weights_only=True."""
+def checkpoint_args(args, dist_env: utils.Distributed) -> dict:
+    """The flags, and what the run found (rank, world_size, gpu, device, as the original's args held), as a plain
+    dict of builtins, so the checkpoint loads with weights_only=True."""
+    found = {"rank": dist_env.rank, "world_size": dist_env.world_size, "gpu": dist_env.local_rank,
+             "device": str(dist_env.device)}
     return {k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else str(v))
-            for k, v in vars(args).items()}
+            for k, v in {**vars(args), **found}.items()}
 
 
-def build_precision(args):
+def build_precision(args, device: torch.device):
     """torch.autocast's arguments and the GradScaler: bf16 (no scaling), fp16 with scaling (CUDA only) or fp32."""
-    on_cuda = args.device.type == "cuda"
+    on_cuda = device.type == "cuda"
     if args.use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
         raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
     if args.use_fp16 and not args.use_bf16 and not on_cuda:
         utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
-    autocast = dict(device_type=args.device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
                     enabled=args.use_bf16 or (args.use_fp16 and on_cuda))
     fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not args.use_bf16 and on_cuda)
     return autocast, fp16_scaler
 
 
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, augment, optimizer, lr_schedule,
-                    wd_schedule, momentum_schedule, epoch, fp16_scaler, autocast, args):
+def train_one_epoch(dino: DINO, data_loader, crops_of, schedules: Schedules, epoch: int, args) -> dict:
+    """One epoch of DINO steps; returns the epoch's averaged loss, lr and weight decay over all processes."""
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
     pending_losses = []  # losses stay on the device until the next log line: no host sync per step
     last = len(data_loader) - 1
     for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
         it = len(data_loader) * epoch + i  # global training iteration
-        for j, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = float(lr_schedule[it])  # python floats: the checkpoint stays weights_only-loadable
-            if j == 0:  # only the first group is regularized
-                param_group["weight_decay"] = float(wd_schedule[it])
-
-        if augment is not None:  # --augmentation gpu: (uint8 crops, their random parameters) from the workers
-            images = augment(*images)
-        else:
-            images = [im.to(args.device, non_blocking=True) for im in images]
-        loss = train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer, fp16_scaler,
-                          autocast, epoch, float(momentum_schedule[it]), args)
+        momentum = schedules.apply(dino.optimizer, it)
+        loss = dino.train_step(crops_of(images), epoch, momentum)
 
         pending_losses.append(loss)
         if i % args.log_freq == 0 or i == last:
@@ -420,34 +485,11 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
             for value in torch.stack(pending_losses).tolist():
                 metric_logger.update(loss=value)
             pending_losses.clear()
-            metric_logger.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
+            metric_logger.update(lr=dino.optimizer.param_groups[0]["lr"],
+                                 wd=dino.optimizer.param_groups[0]["weight_decay"])
     metric_logger.synchronize_between_processes()
     utils.print_main("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-
-
-def train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer, fp16_scaler, autocast, epoch,
-               momentum, args) -> torch.Tensor:
-    """One DINO iteration on crops already on the device; returns the loss, left on the device (no host sync)."""
-    with torch.autocast(**autocast):
-        with torch.no_grad():
-            teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
-        student_output = student(images)
-        loss = dino_loss(student_output, teacher_output, epoch)
-
-    # student update
-    optimizer.zero_grad(set_to_none=True)
-    fp16_scaler.scale(loss).backward()
-    if args.clip_grad:
-        fp16_scaler.unscale_(optimizer)  # unscale the gradients in place before clipping them
-        utils.clip_gradients(student, args.clip_grad)
-    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-    fp16_scaler.step(optimizer)
-    fp16_scaler.update()
-
-    # EMA update for the teacher
-    utils.update_teacher(student.module, teacher_without_ddp, momentum)
-    return loss.detach()
 
 
 def check_losses_finite(losses, args) -> None:

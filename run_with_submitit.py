@@ -87,7 +87,7 @@ class Trainer:
 
     def __call__(self):
         job_env = submitit.JobEnvironment()
-        # main() writes into args, and the requeued job must start from the flags: work on a copy. The job runs
+        # the requeued job must start from the flags as submitted (%j is replaced below): work on a copy. The job runs
         # the checkout's code as it is when the job (re)starts: a flag added since submission gets its default.
         defaults = vars(main_dino.get_args_parser().parse_args([]))
         args = argparse.Namespace(**copy.deepcopy({**defaults, **vars(self.args)}))

@@ -6,6 +6,7 @@ schedules, augmentation, attention maps, loss and teacher, optimisation, logging
 Nothing runs at import: no network, no subprocess, no process group.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -103,42 +104,53 @@ def slurm_port(job_id: str, restart_count: str = "0") -> int:
     return 15000 + (int(job_id) + 7919 * int(restart_count)) % 40000
 
 
-def init_distributed_mode(args) -> None:
-    """Set args.rank, args.world_size, args.gpu, args.device and join a process group if there are peers.
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """What the distributed setup found for this process: its rank, the number of processes, its local rank (its
+    GPU on the node) and the device it computes on. The flags stay as they were parsed."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def init_distributed_mode(args) -> Distributed:
+    """Find this process's rank, world size and device, join a process group if there are peers, and return them.
 
     Detects, in order: a launcher's environment (torchrun, torch.distributed.launch:
     RANK/WORLD_SIZE/LOCAL_RANK), a Slurm step (srun, submitit: SLURM_PROCID,
     SLURM_STEP_NUM_TASKS, SLURM_LOCALID), else a single process with no group.
-    Backend NCCL on GPUs, gloo on CPU.
+    Backend NCCL on GPUs, gloo on CPU; reads --local_rank and --dist_url.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", args.local_rank))
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", args.local_rank))
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"),
                                                      env.get("SLURM_RESTART_COUNT", "0"))))
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world_size), str(local_rank)
     else:
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+        rank, world_size, local_rank = 0, 1, 0
 
     if torch.cuda.is_available():
-        if args.gpu >= torch.cuda.device_count():
-            raise RankInputError(f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible")
-        torch.cuda.set_device(args.gpu)
-        args.device = torch.device("cuda", args.gpu)
+        if local_rank >= torch.cuda.device_count():
+            raise RankInputError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
     else:
-        args.device = torch.device("cpu")
+        device = torch.device("cpu")
 
-    if args.world_size > 1:
-        backend = "nccl" if args.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                                rank=args.rank, device_id=args.device if backend == "nccl" else None)
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world_size, rank=rank,
+                                device_id=device if backend == "nccl" else None)
         barrier()
-    print_main(f"| distributed: world size {args.world_size}, rank {args.rank}, device {args.device}")
+    print_main(f"| distributed: world size {world_size}, rank {rank}, device {device}")
+    return Distributed(rank, world_size, local_rank, device)
 
 
 # Every collective goes through the helpers below. A process group serves tensors of some device types only: gloo
@@ -203,11 +215,12 @@ class LocalWrapper(nn.Module):
         return self.module(*args, **kwargs)
 
 
-def wrap_ddp(model: nn.Module, args) -> nn.Module:
+def wrap_ddp(model: nn.Module, dist_env: Distributed) -> nn.Module:
     """DistributedDataParallel with peers, LocalWrapper alone: either way the state dict keys start with `module.`."""
-    if args.world_size > 1:
+    if dist_env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+        cuda = dist_env.device.type == "cuda"
+        return DistributedDataParallel(model, device_ids=[dist_env.local_rank] if cuda else None)
     return LocalWrapper(model)
 
 
@@ -772,8 +785,8 @@ def published_linear_weights_url(arch: str, patch_size: int) -> str:
     return published_weights_url(arch, patch_size).replace("_pretrain.pth", "_linearweights.pth")
 
 
-def build_frozen_backbone(args) -> nn.Module:
-    """The backbone of --arch/--patch_size with the evaluated weights, in eval mode, without gradients, on args.device.
+def build_frozen_backbone(args, device: torch.device) -> nn.Module:
+    """The backbone of --arch/--patch_size with the evaluated weights, in eval mode, without gradients, on device.
 
     Weights: --pretrained_weights with --checkpoint_key, or the published ones for the arch when it is empty.
     """
@@ -783,7 +796,7 @@ def build_frozen_backbone(args) -> nn.Module:
     model.eval().requires_grad_(False)
     patches = f" {args.patch_size}x{args.patch_size}" if hasattr(model, "patch_embed") else ""
     print_main(f"Model {args.arch}{patches} built.")
-    return model.to(args.device)
+    return model.to(device)
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@
         --num_images 24 --image_size 64 48 --num_workers 1 --knn_batch_size 8
 
 Every measurement prints one JSON line on stdout (everything else goes to stderr):
-- step: main_dino.train_step on random crops already on the device (variant lean), or the original code's step
+- step: main_dino.DINO.train_step on random crops already on the device (variant lean), or the original code's step
   written out for comparison (variant original: explicit attention, a log-softmax per crop pair, per-parameter Python
   loops for clipping and EMA with a host sync per parameter, non-fused AdamW, a host sync on the loss every step);
 - aug_worker: images/s of one DataLoader worker (one CPU thread) for the cpu pipeline (the original's PIL
@@ -166,13 +166,17 @@ def training_args(args, arch, batch_size, precision, compiled, device, folder=""
     train_args.use_fp16, train_args.use_bf16 = precision == "fp16", precision == "bf16"
     train_args.compile, train_args.augmentation = compiled, augmentation
     train_args.data_path, train_args.num_workers = folder, args.num_workers
-    train_args.rank, train_args.world_size, train_args.gpu, train_args.device = 0, 1, device.index or 0, device
-    train_args.precision = precision
+    train_args.device, train_args.precision = device, precision  # the benchmark's own fields, not main_dino's flags
     return train_args
 
 
+def one_process(device) -> utils.Distributed:
+    """What init_distributed_mode finds in a single process on device."""
+    return utils.Distributed(local_rank=device.index or 0, device=device)
+
+
 def config(train_args) -> dict:
-    autocast, _ = main_dino.build_precision(train_args)
+    autocast, _ = main_dino.build_precision(train_args, train_args.device)
     return {"arch": train_args.arch, "patch_size": train_args.patch_size, "batch_size": train_args.batch_size_per_gpu,
             "crops": crop_sizes(train_args), "precision": train_args.precision,
             "autocast": str(autocast["dtype"]).removeprefix("torch.") if autocast["enabled"] else None,
@@ -227,22 +231,22 @@ class Trainer:
     def __init__(self, train_args, fused: bool = True):
         device = train_args.device
         self.args = train_args
-        self.student, self.teacher, self.teacher_without_ddp = main_dino.build_networks(train_args)
-        ncrops = train_args.local_crops_number + 2
-        # epoch 1 of 2: past the first epoch, where the head's last layer is frozen (the usual step)
+        self.dino = main_dino.DINO.build(train_args, one_process(device))
+        if not fused:
+            self.dino.optimizer = utils.build_optimizer("adamw", utils.get_params_groups(self.dino.student))
+        # epoch 1: past the first epoch, where the head's last layer is frozen (the usual step)
         self.epoch = 1
-        self.dino_loss = utils.DINOLoss(train_args.out_dim, ncrops, 0.04, 0.04, 0, 2).to(device)
-        self.optimizer = utils.build_optimizer("adamw", utils.get_params_groups(self.student),
-                                               fused=fused and device.type == "cuda")
-        for j, group in enumerate(self.optimizer.param_groups):
+        for j, group in enumerate(self.dino.optimizer.param_groups):
             group["lr"] = train_args.lr * train_args.batch_size_per_gpu / 256
             if j == 0:
                 group["weight_decay"] = train_args.weight_decay
-        self.autocast, self.fp16_scaler = main_dino.build_precision(train_args)
+        self.student, self.teacher, self.teacher_without_ddp = (self.dino.student, self.dino.teacher,
+                                                                self.dino.teacher_without_ddp)
+        self.dino_loss, self.optimizer = self.dino.dino_loss, self.dino.optimizer
+        self.autocast, self.fp16_scaler = self.dino.autocast, self.dino.fp16_scaler
 
     def lean_step(self, images):
-        return main_dino.train_step(self.student, self.teacher, self.teacher_without_ddp, self.dino_loss, images,
-                                    self.optimizer, self.fp16_scaler, self.autocast, self.epoch, 0.996, self.args)
+        return self.dino.train_step(images, self.epoch, 0.996)
 
     def original_step(self, images):
         """The original code's step, written out: same mathematics, its kernels and host synchronisations."""
@@ -345,7 +349,7 @@ def bench_e2e(train_args, args):
     device = train_args.device
     reset_memory(device)
     torch._dynamo.reset()
-    data_loader = main_dino.build_data_loader(train_args)
+    data_loader = main_dino.build_data_loader(train_args, one_process(device), train_args.augmentation)
     augment = utils.MultiCropOnDevice(device) if train_args.augmentation == "gpu" else None
     trainer = Trainer(train_args)
     batches = endless(data_loader)

@@ -32,7 +32,6 @@ def tiny_args(batch_size_per_gpu, rank, world_size):
     args.lr = 0.005
     args.momentum_teacher = 0.9  # the teacher moves by 10% of its gap to the student each step, not by 0.4%
     args.batch_size_per_gpu = batch_size_per_gpu
-    args.rank, args.world_size, args.gpu, args.device = rank, world_size, 0, torch.device("cpu")
     return args
 
 
@@ -49,16 +48,9 @@ def run_steps(rank, world_size):
     batch = 2 * B // world_size
     args = tiny_args(batch, rank, world_size)
     torch.manual_seed(0)  # the same initial weights in both runs (DDP would broadcast rank 0's anyway)
-    student, teacher, teacher_without_ddp = main_dino.build_networks(args)
-    dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                               args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(args.device)
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    autocast, fp16_scaler = main_dino.build_precision(args)
-    # the lr scales with the total batch, 2 * B in both runs
-    lr_schedule = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * args.world_size) / 256.,
-                                         args.min_lr, args.epochs, NITER, warmup_epochs=args.warmup_epochs)
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, NITER)
-    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, NITER)
+    dino = main_dino.DINO.build(args, utils.Distributed(rank=rank, world_size=world_size))
+    student, teacher_without_ddp, dino_loss = dino.student, dino.teacher_without_ddp, dino.dino_loss
+    schedules = main_dino.Schedules.build(args, world_size, NITER)  # the lr scales with the total batch, 2 * B
 
     # utils.clip_gradients returns the norms it clipped from: those of the gradients after DDP averaged them
     grad_norms, real_clip_gradients = [], utils.clip_gradients
@@ -77,14 +69,10 @@ def run_steps(rank, world_size):
         for epoch in range(args.epochs):
             for i in range(NITER):
                 it = NITER * epoch + i
-                for j, group in enumerate(optimizer.param_groups):
-                    group["lr"] = float(lr_schedule[it])
-                    if j == 0:  # only the first group is regularized
-                        group["weight_decay"] = float(wd_schedule[it])
+                momentum = schedules.apply(dino.optimizer, it)
                 images = [c[rank * batch:(rank + 1) * batch] for c in global_batch(args, it)]
                 last_layer_before = last_layer.detach().clone()
-                loss = main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer,
-                                            fp16_scaler, autocast, epoch, float(momentum_schedule[it]), args)
+                loss = dino.train_step(images, epoch, momentum)
                 losses.append(loss.item())
                 frozen.append(torch.equal(last_layer, last_layer_before))
     finally:

@@ -131,8 +131,7 @@ def test_train_crop_scale(trained):
     normalize = np.array(MEAN, np.float32), np.array(STD, np.float32)
     for scale, whole in (((1, 1), True), ((), False)):
         args = base_args(root, *(("--train_crop_scale", *scale) if scale else ()))
-        utils.init_distributed_mode(args)
-        dataset = eval_linear.build_data_loaders(args)[0].dataset
+        dataset = eval_linear.build_data_loaders(args, utils.init_distributed_mode(args))[0].dataset
         assert tuple(args.train_crop_scale) == (scale or (0.08, 1.0))
         is_whole = []
         for i, (path, _) in enumerate(dataset.dataset.samples):

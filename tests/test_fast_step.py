@@ -19,10 +19,12 @@ def tiny_args(**overrides):
     args.arch, args.patch_size, args.out_dim, args.drop_path_rate = "vit_tiny", 8, 64, 0.1
     args.global_crops_size, args.local_crops_size, args.local_crops_number = 32, 16, 3
     args.clip_grad, args.freeze_last_layer, args.compile = 0.05, 1, False
-    args.rank, args.world_size, args.gpu, args.device = 0, 1, 0, torch.device("cpu")
     args.use_fp16 = False
     vars(args).update(overrides)
     return args
+
+
+ONE_CPU = utils.Distributed()  # what init_distributed_mode finds in one process without a GPU
 
 
 def crops(args, batch=4, seed=0):
@@ -86,7 +88,7 @@ class PlainDINO:
 def build_pair(args):
     """main_dino's networks, and an identical deep copy for the plain reference."""
     torch.manual_seed(0)
-    student, teacher, teacher_without_ddp = main_dino.build_networks(args)
+    student, teacher, teacher_without_ddp = main_dino.build_networks(args, ONE_CPU)
     return (student, teacher, teacher_without_ddp), (copy.deepcopy(student), copy.deepcopy(teacher))
 
 
@@ -97,13 +99,14 @@ def run_lean(nets, args, steps, compile_backend=None):
             model.compile_parts(backend=compile_backend)
     dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, 0.04, 0.04, 0, 2)
     optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student), fused=True)
-    autocast, fp16_scaler = main_dino.build_precision(args)
+    autocast, fp16_scaler = main_dino.build_precision(args, ONE_CPU.device)
+    dino = main_dino.DINO(student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast, fp16_scaler,
+                          args.clip_grad, args.freeze_last_layer)
     losses = []
     for i, (epoch, lr, wd, momentum) in enumerate(steps):
         set_schedules(optimizer, lr, wd)
         torch.manual_seed(100 + i)  # the same stochastic-depth draws in both runs
-        losses.append(main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, crops(args, seed=i),
-                                           optimizer, fp16_scaler, autocast, epoch, momentum, args).item())
+        losses.append(dino.train_step(crops(args, seed=i), epoch, momentum).item())
     return losses
 
 
@@ -171,9 +174,9 @@ def test_compiled_step_follows_eager():
 def test_compile_flag_keeps_the_checkpoint_keys():
     args = tiny_args()
     torch.manual_seed(0)
-    plain_keys = [set(m.state_dict()) for m in main_dino.build_networks(args)[:2]]
+    plain_keys = [set(m.state_dict()) for m in main_dino.build_networks(args, ONE_CPU)[:2]]
     args.compile = True
-    student, teacher, teacher_without_ddp = main_dino.build_networks(args)
+    student, teacher, teacher_without_ddp = main_dino.build_networks(args, ONE_CPU)
     assert [set(m.state_dict()) for m in (student, teacher)] == plain_keys
     for model in (student.module, teacher_without_ddp):
         compiled_backbone, compiled_head = model.__dict__["_compiled"]  # what the wrapper's forward calls
@@ -252,17 +255,13 @@ def test_benchmark_bad_input_is_one_line(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_lean_step_never_waits_for_the_gpu(precision):
-    args = tiny_args(device=torch.device("cuda"), use_fp16=precision == "fp16", use_bf16=precision == "bf16")
-    student, teacher, teacher_without_ddp = main_dino.build_networks(args)
-    dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, 0.04, 0.04, 0, 2).cuda()
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student), fused=True)
-    set_schedules(optimizer, 1e-3, 0.04)
-    autocast, fp16_scaler = main_dino.build_precision(args)
+    args = tiny_args(use_fp16=precision == "fp16", use_bf16=precision == "bf16")
+    dino = main_dino.DINO.build(args, utils.Distributed(device=torch.device("cuda", 0)))  # fused AdamW on CUDA
+    set_schedules(dino.optimizer, 1e-3, 0.04)
     images = [c.cuda() for c in crops(args)]
 
     def step():
-        return main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer,
-                                    fp16_scaler, autocast, 1, 0.996, args)
+        return dino.train_step(images, 1, 0.996)
 
     step()  # first-call allocations and lazy initialisation
     torch.cuda.synchronize()

@@ -93,7 +93,6 @@ def training_args(out, **overrides):
     args = main_dino.get_args_parser().parse_args([])
     args.arch, args.patch_size, args.out_dim, args.drop_path_rate = "vit_tiny", 8, OUT_DIM, 0.0
     args.global_crops_size, args.local_crops_size, args.local_crops_number = 32, 16, 2
-    args.rank, args.world_size, args.gpu, args.device = 0, 1, 0, torch.device("cpu")
     args.output_dir = str(out)
     vars(args).update(overrides)
     return args
@@ -102,18 +101,16 @@ def training_args(out, **overrides):
 def resume_in_process(out, scaler_enabled=False, **overrides):
     """main_dino's networks, optimizer, loss scaler and loss, resumed from out/checkpoint.pth."""
     args = training_args(out, **overrides)
-    student, teacher, _ = main_dino.build_networks(args)
-    optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student))
-    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
-    dino_loss = utils.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 2)
-    checkpoint = main_dino.resume(os.path.join(out, "checkpoint.pth"), student, teacher, optimizer, scaler,
-                                  dino_loss, args)
-    return student, optimizer, scaler, dino_loss, checkpoint
+    dino = main_dino.DINO.build(args, utils.Distributed())
+    if scaler_enabled:  # what build_precision gives with --use_fp16 on a GPU
+        dino.fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
+    checkpoint = dino.resume(os.path.join(out, "checkpoint.pth"))
+    return dino.student, dino.optimizer, dino.fp16_scaler, dino.dino_loss, checkpoint
 
 
 def test_parameter_order_is_the_originals():
     """named_parameters() order, which optimizer state follows, as the original's modules register them."""
-    student = main_dino.build_networks(training_args("."))[0]
+    student = main_dino.build_networks(training_args("."), utils.Distributed())[0]
     names = [n.removeprefix("module.") for n, _ in student.named_parameters()]
     block = [f"{m}.{w}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
              for w in ("weight", "bias")]
@@ -286,11 +283,11 @@ def test_knn_monitoring_of_a_compiled_teacher_compiles_nothing(tmp_path):
     args = training_args(tmp_path, knn_data_path=str(knn), knn_k=3, knn_batch_size=5, resize_size=32, crop_size=32,
                          num_workers=0)
     torch._dynamo.reset()
-    teacher = main_dino.build_networks(args)[2]
+    teacher = main_dino.build_networks(args, utils.Distributed())[2]
     teacher.compile_parts(backend="aot_eager")
     with torch.no_grad():
         teacher([torch.randn(4, 3, 32, 32)] * 2)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
-    main_dino.knn_monitor(teacher.backbone, main_dino.build_knn_datasets(args), args)
+    main_dino.knn_monitor(teacher.backbone, main_dino.build_knn_datasets(args), args, utils.Distributed())
     assert counters["stats"]["unique_graphs"] == compiled

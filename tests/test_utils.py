@@ -178,8 +178,8 @@ def test_slurm_step_environment(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "node7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = argparse.Namespace(local_rank=0, dist_url="env://")
-    utils.init_distributed_mode(args)
-    assert (args.rank, args.world_size, args.gpu, str(args.device)) == (0, 1, 0, "cpu")
+    assert utils.init_distributed_mode(args) == utils.Distributed(0, 1, 0, torch.device("cpu"))
+    assert vars(args) == {"local_rank": 0, "dist_url": "env://"}  # the flags stay as parsed
     assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(15000 + 123456 % 40000)
     # a requeued job (same id, next restart) gets another port: the old run's may not be free yet
     assert utils.slurm_port("123456", "1") != utils.slurm_port("123456", "0")
