@@ -626,8 +626,8 @@ def _saved_positions(model, params: list, saved_names, saved_group_sizes: list) 
     # the saver may have trained what we freeze, or frozen what we train (--norm_last_layer changed on resume)
     for frozen in (frozen_here, set(), {n for n in own if n.endswith("last_layer.weight_g")}):
         trained = [n for n in ordered if n not in frozen]
-        regularized = [n for n in trained if not (n.endswith(".bias") or own[n].ndim == 1)]
-        not_regularized = [n for n in trained if n.endswith(".bias") or own[n].ndim == 1]
+        regularized = [n for n in trained if is_regularized(n, own[n])]  # get_params_groups' two groups
+        not_regularized = [n for n in trained if not is_regularized(n, own[n])]
         if [len(regularized), len(not_regularized)] == list(saved_group_sizes):
             return regularized + not_regularized, frozen
     return None, None
@@ -1334,16 +1334,17 @@ def has_batchnorms(model: nn.Module) -> bool:
 # ============ optimisation ============
 
 
+def is_regularized(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: not to biases nor to any 1-D parameter (norms)."""
+    return not (name.endswith(".bias") or param.ndim == 1)
+
+
 def get_params_groups(model: nn.Module) -> list:
     """Two groups: weights with weight decay; biases and all 1-D parameters (norms) without."""
     regularized, not_regularized = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or param.ndim == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
+        if param.requires_grad:
+            (regularized if is_regularized(name, param) else not_regularized).append(param)
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
