@@ -40,7 +40,7 @@ def get_args_parser():
     utils.add_eval_size_args(parser)
     utils.add_distributed_args(parser)
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ ImageFolders.")
+                        help="Folder with train/ and val/ ImageFolders (or train.tar and val.tar, see README).")
     return parser
 
 

@@ -43,7 +43,7 @@ def get_args_parser():
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size")
     utils.add_distributed_args(parser)
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ ImageFolders.")
+                        help="Folder with train/ and val/ ImageFolders (or train.tar and val.tar, see README).")
     parser.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
     parser.add_argument("--output_dir", default=".", help="Path to save logs and checkpoints")
     parser.add_argument("--num_labels", default=None, type=int, help="""Number of labels for linear classifier
@@ -341,7 +341,7 @@ def validate_network(val_loader, model, linear_classifier, args) -> dict:
     sums = utils.all_reduce_sum(sums)
     n = int(sums[3].item())
     if n == 0:
-        raise utils.InputError(f"no readable image in {dataset.folder.root}")
+        raise utils.InputError(f"no readable image in {dataset.root}")
     stats = {"loss": sums[0].item() / n, "acc1": 100.0 * sums[1].item() / n, "n": n}
     if num_labels >= 5:
         stats["acc5"] = 100.0 * sums[2].item() / n

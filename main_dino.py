@@ -108,7 +108,8 @@ def get_args_parser():
 
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
-                        help="Folder of training images, one subfolder per class (the classes are not used).")
+                        help="""Folder of training images, one subfolder per class (the classes are not used), or an
+        uncompressed .tar of them indexed by tools/infer_entries.py (D/pretrain_dataset.tar).""")
     parser.add_argument("--output_dir", default=".", type=str, help="Where checkpoints and log.txt are written.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a copy of the checkpoint every x epochs (0: never).")
@@ -165,7 +166,7 @@ def build_data_loader(args, dist_env: utils.Distributed, augmentation: str):
         transform = utils.MultiCropGeometry(*crop_args)
     else:
         transform = utils.DataAugmentationDINO(*crop_args)
-    dataset = utils.ImageFolderSkipBad(args.data_path, transform=transform)
+    dataset = utils.image_dataset(args.data_path, transform=transform)  # an ImageFolder, or a tar with its entries
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
                                                   shuffle=True, seed=args.seed)
     data_loader = torch.utils.data.DataLoader(

@@ -4,6 +4,8 @@
     python benchmarks/bench_train.py --arch vit_small vit_base --precision fp16 bf16 --variant lean original
     # only the step, with and without torch.compile
     python benchmarks/bench_train.py --stages step --compile false true
+    # the training DataLoader from a tar against the same JPEGs as files (run as root to read them from the disk)
+    python benchmarks/bench_train.py --stages tar --augmentation gpu cpu --num_workers 8
     # the CPU smoke test (a minute): tiny model, tiny generated JPEGs
     python benchmarks/bench_train.py --arch vit_tiny --patch_size 8 --out_dim 256 --batch_size_per_gpu 4 \\
         --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --iters 2 --warmup 1 \\
@@ -18,7 +20,10 @@ Every measurement prints one JSON line on stdout (everything else goes to stderr
 - aug_device: the device half of the gpu pipeline on one collated batch (copy to the device included);
 - data: the DataLoader of main_dino (workers, pinning, device augmentation) alone; e2e: the same plus the step;
 - knn_model: the frozen backbone on random 224 px batches; knn_e2e: utils.extract_features (as eval_knn.py runs
-  it) on the JPEG folder.
+  it) on the JPEG folder;
+- tar (only when asked for, --stages tar): main_dino's training DataLoader alone reading the JPEGs as files, then
+  the same JPEGs from one tar (utils.TarImageDataset), same workers, the page cache dropped before each (as root;
+  the record says whether it was).
 images_per_s counts images (not crops); peak_mem_gib is torch.cuda.max_memory_allocated (null on CPU).
 """
 import argparse
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tarfile
 import tempfile
 import time
 from multiprocessing import Pool
@@ -47,7 +53,8 @@ STAGES = ("step", "aug", "e2e", "knn")
 
 def get_args_parser():
     parser = argparse.ArgumentParser("DINO training benchmark", add_help=False)
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="What to measure.")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + ("tar",),
+                        help="What to measure (tar, which drops the page cache, only when named).")
     parser.add_argument("--arch", nargs="+", default=["vit_small"], help="Architectures (any --arch of main_dino).")
     parser.add_argument("--patch_size", default=16, type=int, help="Patch size of the ViTs.")
     parser.add_argument("--batch_size_per_gpu", nargs="+", default=[64], type=int, help="Batch sizes (images).")
@@ -106,7 +113,7 @@ def main(args):
     emit = Emitter(sys.stdout, device)
     with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory() as tmp:
         folder = args.data_path
-        if not folder and {"aug", "e2e", "knn"} & set(args.stages):
+        if not folder and {"aug", "e2e", "knn", "tar"} & set(args.stages):
             # ============ generating a JPEG ImageFolder ... ============
             folder = generate_jpeg_folder(os.path.join(args.work_dir or tmp, "jpeg"), args.num_images,
                                           tuple(args.image_size), args.num_workers)
@@ -141,6 +148,15 @@ def main(args):
                 for precision in args.precision:
                     emit(bench_knn_model(arch, args, precision, device), stage="knn_model")
                 emit(bench_knn_e2e(arch, args, folder, device), stage="knn_e2e")
+        # ============ the training DataLoader from files and from a tar of them ... ============
+        if "tar" in args.stages:
+            tar_path = write_tar(folder, os.path.join(args.work_dir or tmp, "tar"))
+            for batch_size in args.batch_size_per_gpu:
+                for augmentation in args.augmentation:
+                    for source, path in (("files", folder), ("tar", tar_path)):
+                        train_args = training_args(args, args.arch[0], batch_size, "fp32", False, device, path,
+                                                   augmentation)
+                        emit(bench_loader(train_args, args), stage="tar", source=source, augmentation=augmentation)
 
 
 class Emitter:
@@ -407,6 +423,44 @@ def bench_knn_e2e(arch, args, folder, device) -> dict:
     return {"arch": arch, "patch_size": args.patch_size, "batch_size": args.knn_batch_size, "precision": "fp32",
             "images_per_s": round(len(dataset) / seconds, 1), "peak_mem_gib": peak_memory_gib(device),
             "images": len(dataset), "num_workers": args.num_workers}
+
+
+def bench_loader(train_args, args) -> dict:
+    """main_dino's training DataLoader alone (its workers read, decode and augment; nothing runs on the device),
+    the page cache dropped first where this process may, so that the images come from the disk."""
+    cache_dropped = drop_page_cache()
+    data_loader = main_dino.build_data_loader(train_args, one_process(train_args.device), train_args.augmentation)
+    batches = endless(data_loader)
+    seconds = timed(lambda: next(batches), args.warmup, args.iters, torch.device("cpu"))
+    b = train_args.batch_size_per_gpu
+    # reads past the first epoch (warmup + iters > batches_per_epoch) come from the page cache again
+    return {"batch_size": b, "crops": crop_sizes(train_args), "num_workers": train_args.num_workers,
+            "images_per_s": round(b / seconds, 1), "page_cache_dropped": cache_dropped, "iters": args.iters,
+            "warmup": args.warmup, "batches_per_epoch": len(data_loader), "images": len(data_loader.dataset)}
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root only); say so on stderr when it cannot be dropped."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError as e:
+        print(f"page cache not dropped ({e}): the images may be read from memory", file=sys.stderr)
+        return False
+
+
+def write_tar(folder: str, root: str) -> str:
+    """folder's files (class folders kept) as root/pretrain_dataset.tar, and its entries beside it, as
+    tools/infer_entries.py writes them."""
+    os.makedirs(root, exist_ok=True)
+    tar_path = os.path.join(root, "pretrain_dataset.tar")
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(folder, arcname=".")
+    entries, names = utils.tar_entries(tar_path)
+    utils.write_tar_entries(root, utils.tar_prefix(tar_path), entries, names)
+    return tar_path
 
 
 def generate_jpeg_folder(root: str, num_images: int, size: tuple, num_workers: int) -> str:
