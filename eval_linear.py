@@ -247,16 +247,16 @@ def frozen_features(model, images: torch.Tensor, args) -> torch.Tensor:
     """(B, F) input of the linear classifier; call it without gradients.
 
     ViTs: the [CLS] tokens of the last n_last_blocks blocks concatenated, plus, with
-    avgpool_patchtokens, the mean of the last block's patch tokens. With one block the two
+    avgpool_patchtokens, the mean of the last block's patch tokens (never DINOv2's registers). With one block the two
     are interleaved element-wise, the layout the published ViT-B linear weights were trained
     on; with more blocks (where the original fails) the mean is appended. Convnets: the pooled feature.
     """
     if not isinstance(model, VisionTransformer):
         return model(images)
-    intermediate_output = model.get_intermediate_layers(images, args.n_last_blocks)  # each (B, 1 + N, D)
+    intermediate_output = model.get_intermediate_layers(images, args.n_last_blocks)  # each (B, prefix + N, D)
     output = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)  # (B, n * D)
     if args.avgpool_patchtokens:
-        patch_mean = torch.mean(intermediate_output[-1][:, 1:], dim=1)  # (B, D)
+        patch_mean = torch.mean(intermediate_output[-1][:, model.num_prefix_tokens:], dim=1)  # (B, D)
         if args.n_last_blocks == 1:
             output = torch.stack((output, patch_mean), dim=-1).flatten(1)  # (B, 2 * D): cls_0, avg_0, cls_1, ...
         else:

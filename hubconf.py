@@ -1,9 +1,10 @@
-"""torch.hub entry points: the published DINO backbones in one line.
+"""torch.hub entry points: the published DINO backbones, and DINOv2's, in one line.
 
     import torch
     model = torch.hub.load("facebookresearch/dino:main", "dino_vits16")   # or a local checkout:
     model = torch.hub.load("/path/to/this/repo", "dino_vits16", source="local")
     model = torch.hub.load("/path/to/this/repo", "dino_vitb8", source="local", pretrained=False)
+    model = torch.hub.load("/path/to/this/repo", "dinov2_vits14_reg", source="local")   # DINOv2's names
 
 Each entry point is `name(pretrained=True, **kwargs)`; kwargs go to the model's constructor.
 Importing this file touches no network: only pretrained=True downloads, once, into
@@ -54,6 +55,14 @@ def _vit(entrypoint: str, arch: str, patch_size: int, pretrained: bool, kwargs: 
     model = vision_transformer.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
     if pretrained:
         _load_published(model, utils.published_weights_url(arch, patch_size), entrypoint)
+    return model
+
+
+def _dinov2(entrypoint: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    """DINOv2's backbone of that name (vision_transformer.DINOV2_ARCHS), with its published weights if pretrained."""
+    model = vision_transformer.DINOV2_ARCHS[entrypoint](**kwargs)
+    if pretrained:
+        _load_published(model, utils.published_weights_url(entrypoint, None), entrypoint)
     return model
 
 
@@ -117,3 +126,44 @@ def dino_xcit_medium_24_p16(pretrained=True, **kwargs):
 def dino_xcit_medium_24_p8(pretrained=True, **kwargs):
     """XCiT-Medium-24/8 trained with DINO on ImageNet (model code from the facebookresearch/xcit hub)."""
     return _xcit("dino_xcit_medium_24_p8", "xcit_medium_24_p8", pretrained, kwargs)
+
+
+def dinov2_vits14(pretrained=True, **kwargs):
+    """DINOv2's ViT-S/14 (Oquab et al. 2023); forward gives the normed 384-d [CLS] feature."""
+    return _dinov2("dinov2_vits14", pretrained, kwargs)
+
+
+def dinov2_vitb14(pretrained=True, **kwargs):
+    """DINOv2's ViT-B/14 (Oquab et al. 2023); forward gives the normed 768-d [CLS] feature."""
+    return _dinov2("dinov2_vitb14", pretrained, kwargs)
+
+
+def dinov2_vitl14(pretrained=True, **kwargs):
+    """DINOv2's ViT-L/14 (Oquab et al. 2023); forward gives the normed 1024-d [CLS] feature."""
+    return _dinov2("dinov2_vitl14", pretrained, kwargs)
+
+
+def dinov2_vitg14(pretrained=True, **kwargs):
+    """DINOv2's ViT-g/14 (Oquab et al. 2023), with SwiGLU; forward gives the normed 1536-d [CLS] feature."""
+    return _dinov2("dinov2_vitg14", pretrained, kwargs)
+
+
+def dinov2_vits14_reg(pretrained=True, **kwargs):
+    """DINOv2's ViT-S/14 with 4 registers (Darcet et al. 2024); forward gives the normed 384-d [CLS] feature."""
+    return _dinov2("dinov2_vits14_reg", pretrained, kwargs)
+
+
+def dinov2_vitb14_reg(pretrained=True, **kwargs):
+    """DINOv2's ViT-B/14 with 4 registers (Darcet et al. 2024); forward gives the normed 768-d [CLS] feature."""
+    return _dinov2("dinov2_vitb14_reg", pretrained, kwargs)
+
+
+def dinov2_vitl14_reg(pretrained=True, **kwargs):
+    """DINOv2's ViT-L/14 with 4 registers (Darcet et al. 2024); forward gives the normed 1024-d [CLS] feature."""
+    return _dinov2("dinov2_vitl14_reg", pretrained, kwargs)
+
+
+def dinov2_vitg14_reg(pretrained=True, **kwargs):
+    """DINOv2's ViT-g/14 with 4 registers (Darcet et al. 2024), with SwiGLU; forward gives the normed 1536-d [CLS]
+    feature."""
+    return _dinov2("dinov2_vitg14_reg", pretrained, kwargs)

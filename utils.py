@@ -266,6 +266,8 @@ class Domain:
     def __str__(self) -> str:
         if self.values is not None:
             return "one of " + ", ".join(map(str, sorted(self.values)))
+        if self.low is None and self.high is None:
+            return "a finite number"
         if self.high is None:
             return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
         if self.low is None:
@@ -281,13 +283,16 @@ POSITIVE = Domain(low=0, low_inclusive=False)
 NON_NEGATIVE = Domain(low=0)
 AT_LEAST_ONE = Domain(low=1)
 FRACTION = Domain(0, 1, low_inclusive=False)  # a share of the image area or of the attention mass: (0, 1]
+FINITE = Domain()
 
 
 def add_model_args(parser: argparse.ArgumentParser, patch_size: int = 16) -> None:
     """--arch and --patch_size; any name is accepted here and checked by build_model (no network at parse time)."""
     parser.add_argument("--arch", default="vit_small", type=str,
                         help="""Name of architecture: vit_tiny, vit_small, vit_base (deit_tiny and deit_small are
-        aliases), any torchvision model name such as resnet50, or an XCiT name from the facebookresearch/xcit hub.""")
+        aliases), a DINOv2 backbone (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14, each also with _reg:
+        4 register tokens; --patch_size 14), any torchvision model name such as resnet50, or an XCiT name from the
+        facebookresearch/xcit hub.""")
     parser.add_argument("--patch_size", default=patch_size, type=int, help=f"""Size in pixels of input square
         patches - default {patch_size} (for {patch_size}x{patch_size} patches). Using smaller values leads to better
         performance but requires more memory. Applies only for ViTs (vit_tiny, vit_small and vit_base).""")
@@ -340,15 +345,20 @@ def check_flag_domains(args: argparse.Namespace, domains: dict) -> None:
         if not bad:
             continue
         each = "each value " if elements is value else ""
-        finite = "" if domain.values is not None or all(map(math.isfinite, bad)) else "a finite number "
+        unbounded = domain.low is None and domain.high is None  # its str is "a finite number" already
+        finite = "" if domain.values is not None or unbounded or all(map(math.isfinite, bad)) else "a finite number "
         raise InputError(f"--{name} {' '.join(map(str, elements))}: {each}must be {finite}{domain}")
 
 
 def check_patch_fits(args, *size_flags: str, arch: str = None) -> None:
-    """For a ViT (arch, default --arch), InputError when --patch_size is larger than a crop it sees (size_flags)."""
-    from vision_transformer import VIT_ARCHS
+    """For a ViT (arch, default --arch), InputError when --patch_size is larger than a crop it sees (size_flags),
+    or, for a DINOv2 ViT, is not its 14."""
+    from vision_transformer import DINOV2_ARCHS, DINOV2_PATCH_SIZE, VIT_ARCHS
     arch = arch or args.arch
-    if arch not in VIT_ARCHS:
+    if arch in DINOV2_ARCHS and args.patch_size != DINOV2_PATCH_SIZE:
+        raise InputError(f"--patch_size {args.patch_size}: {arch} has {DINOV2_PATCH_SIZE}x{DINOV2_PATCH_SIZE} patches "
+                         f"(give --patch_size {DINOV2_PATCH_SIZE})")
+    if arch not in VIT_ARCHS and arch not in DINOV2_ARCHS:
         return
     for flag in size_flags:
         size = getattr(args, flag)
@@ -373,8 +383,18 @@ PUBLISHED_BACKBONES = {
 }
 
 
+# DINOv2's published backbones: <base>/<model>/<model>[_reg4]_pretrain.pth, the register model beside its model
+DINOV2_PUBLISHED_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+
+
 def published_weights_url(arch: str, patch_size: int) -> str:
-    """URL of the published DINO backbone for arch and patch size; ValueError when there is none."""
+    """URL of the published DINO backbone for arch and patch size, or of DINOv2's for a dinov2 arch; InputError when
+    there is none."""
+    from vision_transformer import DINOV2_ARCHS, DINOV2_NUM_REGISTERS
+    if arch in DINOV2_ARCHS:
+        model = arch.removesuffix("_reg")
+        registers = f"_reg{DINOV2_NUM_REGISTERS}" if arch.endswith("_reg") else ""
+        return f"{DINOV2_PUBLISHED_URL}{model}/{model}{registers}_pretrain.pth"
     arch = {"deit_small": "vit_small"}.get(arch, arch)
     path = PUBLISHED_BACKBONES.get((arch, patch_size)) or PUBLISHED_BACKBONES.get((arch, None))
     if path is None:
@@ -425,7 +445,8 @@ def extract_backbone_state_dict(state_dict: dict, checkpoint_key: str = "teacher
     """The backbone's weights from a full checkpoint or a bare state dict.
 
     As the original: take state_dict[checkpoint_key] when present, strip a leading
-    `module.`, then a leading `backbone.`; projection-head weights are dropped.
+    `module.`, then a leading `backbone.`; projection-head weights are dropped. The blocks of
+    DINOv2's training checkpoints, chunked for FSDP as `blocks.{chunk}.{i}.*`, become `blocks.{i}.*`.
     """
     if checkpoint_key in state_dict:
         state_dict = state_dict[checkpoint_key]
@@ -437,7 +458,39 @@ def extract_backbone_state_dict(state_dict: dict, checkpoint_key: str = "teacher
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+    if "cls_token" in state_dict:  # a ViT
+        state_dict = {_unchunked_block_key(k): v for k, v in state_dict.items()}
     return state_dict
+
+
+def _unchunked_block_key(key: str) -> str:
+    """blocks.{chunk}.{i}.rest -> blocks.{i}.rest (DINOv2 numbers the blocks of all chunks from 0 on); others as is."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2].isdigit():
+        return ".".join(["blocks"] + parts[2:])
+    return key
+
+
+def fitting_vit_archs(state_dict: dict) -> list:
+    """The `--arch A --patch_size P` of each ViT (DINO's or DINOv2's) whose keys and shapes are those of state_dict."""
+    from vision_transformer import DINOV2_ARCHS, DINOV2_PATCH_SIZE, VIT_ARCHS
+    proj, cls_token = state_dict.get("patch_embed.proj.weight"), state_dict.get("cls_token")
+    if not torch.is_tensor(proj) or not torch.is_tensor(cls_token) or proj.ndim != 4:
+        return []
+    p, dim = proj.shape[-1], cls_token.shape[-1]
+    dino = {}
+    for arch, build in VIT_ARCHS.items():
+        dino.setdefault(build, arch)  # each model once, by its first name (vit_*, not the deit_* aliases)
+    candidates = [(arch, p, build) for build, arch in dino.items()]
+    candidates += [(arch, DINOV2_PATCH_SIZE, build) for arch, build in DINOV2_ARCHS.items()
+                   if build.keywords["embed_dim"] == dim]
+    fits = []
+    for arch, patch_size, build in candidates:
+        with torch.device("meta"):  # the layout only: no memory, no initialisation
+            own = build(patch_size=p).state_dict() if arch in VIT_ARCHS else build().state_dict()
+        if own.keys() == state_dict.keys() and all(own[k].shape == state_dict[k].shape for k in own):
+            fits.append(f"--arch {arch} --patch_size {patch_size}")
+    return fits
 
 
 # torch.nn.utils.parametrizations.weight_norm's keys for what torch.nn.utils.weight_norm calls weight_g and weight_v
@@ -486,11 +539,18 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
         source = pretrained_weights
     else:
         url = url or published_weights_url(arch, patch_size)
-        print_main(f"No --pretrained_weights given: using the published DINO weights {url}")
+        family = "DINOv2" if url.startswith(DINOV2_PUBLISHED_URL) else "DINO"
+        print_main(f"No --pretrained_weights given: using the published {family} weights {url}")
         state_dict = download_weights(url)
         source = url
     state_dict = extract_backbone_state_dict(state_dict, checkpoint_key, source)
-    load_state_dict_strict(model, state_dict, f"{source} (key {checkpoint_key!r})")
+    try:
+        load_state_dict_strict(model, state_dict, f"{source} (key {checkpoint_key!r})")
+    except InputError as e:  # DINOv2 weights for a DINO ViT, or the reverse: say which --arch they are for
+        fits = fitting_vit_archs(state_dict)
+        if not fits:
+            raise
+        raise InputError(f"{e}; the file holds the backbone of {' or '.join(fits)}") from None
     print_main(f"Pretrained weights loaded from {source} (key {checkpoint_key!r})")
 
 
@@ -1156,6 +1216,10 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 def published_linear_weights_url(arch: str, patch_size: int) -> str:
     """URL of the published linear classifier of the published backbone: <folder>/<name>_linearweights.pth."""
+    from vision_transformer import DINOV2_ARCHS
+    if arch in DINOV2_ARCHS:  # DINOv2's linear heads read other features, in another layout
+        raise InputError(f"--arch {arch}: no published linear classifier in this layout for DINOv2 backbones; "
+                         f"give --linear_weights")
     return published_weights_url(arch, patch_size).replace("_pretrain.pth", "_linearweights.pth")
 
 
@@ -1545,14 +1609,15 @@ def gaussian_blur_batched(x: torch.Tensor, sigma: torch.Tensor, radius: int = 6)
 
 
 def build_attention_backbone(args, device: torch.device) -> nn.Module:
-    """The ViT of --arch/--patch_size in eval mode on device, for attention maps.
+    """The ViT (DINO's or DINOv2's) of --arch/--patch_size in eval mode on device, for attention maps and PCA.
 
     Weights: --pretrained_weights with --checkpoint_key, or when it is empty the published
     weights the paper's figures use (attention_weights_url: the 300-epoch ViT-S/8 for vit_small/8).
     """
-    from vision_transformer import VIT_ARCHS, build_model
-    if args.arch not in VIT_ARCHS:
-        raise InputError(f"--arch {args.arch}: attention maps need a ViT ({', '.join(VIT_ARCHS)})")
+    from vision_transformer import DINOV2_ARCHS, VIT_ARCHS, build_model
+    if args.arch not in VIT_ARCHS and args.arch not in DINOV2_ARCHS:
+        raise InputError(f"--arch {args.arch}: attention maps need a ViT ({', '.join(VIT_ARCHS)}, "
+                         f"{', '.join(DINOV2_ARCHS)})")
     model = build_model(args.arch, patch_size=args.patch_size)
     url = "" if args.pretrained_weights else attention_weights_url(args.arch, args.patch_size)
     load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, url=url)
@@ -1579,12 +1644,13 @@ def crop_to_patch_multiple(img: torch.Tensor, patch_size: int) -> torch.Tensor:
 def cls_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """[CLS]-to-patch attention of every head of the last block, (B, heads, H // p, W // p), on the patch grid.
 
-    Each head's full [CLS] row (itself and the N patches) sums to 1; the patches alone a little less.
+    Each head's full [CLS] row (itself, DINOv2's registers and the N patches) sums to 1; the patches
+    alone a little less. The registers are left out.
     """
     p = model.patch_embed.patch_size
-    attn = model.get_last_selfattention(images)  # (B, heads, 1 + N, 1 + N)
+    attn = model.get_last_selfattention(images)  # (B, heads, T, T), T = prefix tokens + N
     B, nh = attn.shape[:2]
-    return attn[:, :, 0, 1:].reshape(B, nh, images.shape[-2] // p, images.shape[-1] // p)
+    return attn[:, :, 0, model.num_prefix_tokens:].reshape(B, nh, images.shape[-2] // p, images.shape[-1] // p)
 
 
 def attention_mass_mask(attentions: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -1604,6 +1670,85 @@ def attention_mass_mask(attentions: torch.Tensor, threshold: float) -> torch.Ten
 def upsample_patches(maps: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, h, w) patch-grid maps to (B, C, h * p, w * p) pixels, nearest neighbour (each patch a flat square)."""
     return F.interpolate(maps.float(), scale_factor=patch_size, mode="nearest")
+
+
+@torch.no_grad()
+def patch_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Normed last-layer patch tokens of a ViT, (B, H // p, W // p, D) on the patch grid; [CLS], registers left out."""
+    p = model.patch_embed.patch_size
+    tokens = model.get_intermediate_layers(images, 1)[0]  # (B, prefix tokens + N, D)
+    return tokens[:, model.num_prefix_tokens:].reshape(len(images), images.shape[-2] // p, images.shape[-1] // p, -1)
+
+
+def border_patches(h: int, w: int) -> torch.Tensor:
+    """(h, w) mask of the patches on the border of an h x w grid."""
+    border = torch.ones(h, w, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    return border
+
+
+@dataclasses.dataclass
+class PatchPCA:
+    """The first principal axes of patch features, and the range of the features' scores on them (to map them to RGB).
+
+    Fitted by an SVD of the centred features (torch.linalg.svd: exact, deterministic). The sign of a
+    principal component is arbitrary; it is fixed by one stated rule, so that the same features give
+    the same colours every run: each component's score of largest magnitude is made positive, except
+    that with `border` (a mask of the features on the image border) the first component's mean score
+    over the border is made negative. The border is then taken for background, and the foreground has
+    the positive first-component scores, as DINOv2's paper thresholds them.
+    """
+    mean: torch.Tensor  # (D,)
+    components: torch.Tensor  # (k, D), orthonormal rows, k = min(n_components, number of features, D)
+    low: torch.Tensor  # (k,): the lowest score of the fitted features on each component
+    high: torch.Tensor  # (k,): the highest
+    std: torch.Tensor  # (k,): the scores' standard deviation
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, n_components: int = 3, border: torch.Tensor = None) -> "PatchPCA":
+        """PCA of (N, D) features; border: an (N,) mask, or None."""
+        features = features.float()
+        mean = features.mean(dim=0)
+        u, s, vh = torch.linalg.svd(features - mean, full_matrices=False)  # (N, r), (r,), (r, D)
+        k = min(n_components, len(s))
+        scores = u[:, :k] * s[:k]  # (N, k)
+        signs = scores.gather(0, scores.abs().argmax(dim=0, keepdim=True))[0].sign()
+        if border is not None and border.any() and not border.all():  # a grid of 1 or 2 rows is all border
+            signs[0] = -scores[border, 0].mean().sign()
+        signs[signs == 0] = 1
+        scores = scores * signs
+        std = s[:k] / max(len(features) - 1, 1) ** 0.5
+        return cls(mean, vh[:k] * signs[:, None], scores.min(dim=0).values, scores.max(dim=0).values, std)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features to their (N, k) scores on the components."""
+        return (features.float() - self.mean) @ self.components.T
+
+    def rgb(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 3) colours in [0, 1]: the first 3 scores, each min-max scaled over the fitted features (then clamped).
+
+        A component of constant score, or one that fewer than 3 features lack, is black.
+        """
+        scaled = ((self.scores(features) - self.low) / (self.high - self.low).clamp_min(1e-12))[:, :3]
+        return F.pad(scaled.clamp(0, 1), (0, 3 - scaled.shape[1]))
+
+
+def pca_pictures(features: torch.Tensor, threshold: float = 0.0) -> tuple:
+    """The colours of pca.png and pca_foreground.png on the patch grid, (3, h, w) each, and the foreground mask (h, w).
+
+    features: (h, w, D) patch features of one image. pca.png: the first 3 principal components of all
+    its patches. Foreground: the patches whose first-component score, in standard deviations of that
+    score, is above threshold (0: the positive scores, DINOv2's rule); pca_foreground.png colours them
+    by a second PCA of the foreground patches alone and leaves the background black.
+    """
+    h, w, dim = features.shape
+    flat = features.reshape(h * w, dim).float()
+    pca = PatchPCA.fit(flat, border=border_patches(h, w).flatten().to(flat.device))
+    foreground = pca.scores(flat)[:, 0] / pca.std[0].clamp_min(1e-12) > threshold
+    foreground_rgb = torch.zeros(h * w, 3, device=flat.device)
+    if foreground.any():
+        foreground_rgb[foreground] = PatchPCA.fit(flat[foreground]).rgb(flat[foreground])
+    return (pca.rgb(flat).T.reshape(3, h, w), foreground_rgb.T.reshape(3, h, w), foreground.reshape(h, w))
 
 
 # ============ loss and teacher ============

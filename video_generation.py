@@ -1,17 +1,22 @@
-"""Attention videos: the [CLS] self-attention of a DINO ViT's last layer on every frame of a video.
+"""Attention videos: the [CLS] self-attention of a DINO or DINOv2 ViT's last layer on every frame of a video.
 
     # a video: frames go to output/frames/, attention images to output/attention/, the video to output/video.mp4
     python video_generation.py --input_path clip.mp4 --output_path output/ --resize 480
     # a folder of frames (any of .jpg .png ...; taken in natural order: frame-2 before frame-10)
     python video_generation.py --input_path frames/ --output_path output/ --pretrained_weights checkpoint.pth
+    # DINOv2's ViT-S/14: the PCA of the patch features, images to output/pca/, the video to output/video_pca.mp4
+    python video_generation.py --arch dinov2_vits14 --patch_size 14 --pca --input_path clip.mp4 --output_path output/
     # only assemble a video from a folder of images
     python video_generation.py --video_only --input_path output/attention/ --output_path output/ --fps 25
 
-Each attention image is the mean over heads of the attention maps, each head kept on the
-smallest set of patches that holds --threshold of its attention mass (--threshold 1 keeps
-everything), coloured with matplotlib's inferno. Frames go through the model --batch_size at
-a time, on the GPU when there is one. The video has the input's frames in the input's order,
-at the input's frame rate unless --fps is given.
+Each attention image is the mean over heads of the attention maps of [CLS] to the patches
+(DINOv2's registers left out), each head kept on the smallest set of patches that holds
+--threshold of its attention mass (--threshold 1 keeps everything), coloured with matplotlib's
+inferno. With --pca, each image is instead the first 3 principal components of the frame's
+last-layer patch features, each min-max scaled to a colour channel, from one PCA of the patch
+features of all frames, so that the colours stay stable through the video (see pca_images).
+Frames go through the model --batch_size at a time, on the GPU when there is one. The video has
+the input's frames in the input's order, at the input's frame rate unless --fps is given.
 """
 import argparse
 import os
@@ -55,18 +60,26 @@ def get_args_parser():
     parser.add_argument("--batch_size", default=8, type=int, help="""Frames per forward pass. A 480p frame with
         patch size 8 needs about 2 GB for the last layer's attention matrix: lower it if you run out of memory.""")
     parser.add_argument("--num_workers", default=4, type=int, help="Processes decoding frames ahead of the model.")
+    parser.add_argument("--pca", action="store_true", help="""Images of the PCA of the patch features (first 3
+        components as RGB, one PCA for all frames) instead of attention: <output_path>/pca/ and video_pca.<format>.""")
+    parser.add_argument("--pca_fit_tokens", default=50_000, type=int, help="""With --pca: the PCA is fitted on at
+        most this many patch features, each frame's share drawn at random, when the video has more; it holds them in
+        memory (50,000 features of ViT-g, 1536-d, take 300 MB).""")
     return parser
 
 
 FLAG_DOMAINS = {
     **utils.MODEL_FLAG_DOMAINS, "threshold": utils.FRACTION, "resize": utils.AT_LEAST_ONE, "fps": utils.POSITIVE,
-    "batch_size": utils.AT_LEAST_ONE, "num_workers": utils.NON_NEGATIVE,
+    "batch_size": utils.AT_LEAST_ONE, "num_workers": utils.NON_NEGATIVE, "pca_fit_tokens": utils.Domain(low=3),
 }
 
 
 def check_args(args) -> None:
     """One-line errors for flag values and paths that would fail later."""
     utils.check_flag_domains(args, FLAG_DOMAINS)
+    utils.check_patch_fits(args)  # a DINOv2 ViT's patch size
+    if args.video_only and args.pca:
+        raise utils.InputError("--pca computes the frames' PCA images; --video_only assembles images as they are")
     if not args.input_path:
         raise utils.InputError("--input_path is required: a video file or a folder of frames")
     if not os.path.exists(args.input_path):
@@ -83,7 +96,7 @@ def check_args(args) -> None:
 def main(args):
     check_args(args)
     os.makedirs(args.output_path, exist_ok=True)
-    video_path = os.path.join(args.output_path, f"video.{args.video_format}")
+    video_path = os.path.join(args.output_path, f"video{'_pca' if args.pca else ''}.{args.video_format}")
     given_fps = None if isinstance(args.fps, DefaultFps) else args.fps
 
     if args.video_only:
@@ -109,11 +122,11 @@ def main(args):
     if frames is None:
         frames, input_fps = extract_frames(args.input_path, os.path.join(args.output_path, "frames"))
 
-    # ============ attention images and video ... ============
-    attention_dir = os.path.join(args.output_path, "attention")
-    os.makedirs(attention_dir, exist_ok=True)
-    write_video(attention_images(model, frames, attention_dir, device, args), video_path,
-                given_fps or input_fps or args.fps)
+    # ============ attention (or PCA) images and video ... ============
+    images_dir = os.path.join(args.output_path, "pca" if args.pca else "attention")
+    os.makedirs(images_dir, exist_ok=True)
+    images = (pca_images if args.pca else attention_images)(model, frames, images_dir, device, args)
+    write_video(images, video_path, given_fps or input_fps or args.fps)
 
 
 def natural_key(name: str) -> list:
@@ -202,13 +215,18 @@ class FrameDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        """The frame's tensor, or the one-line error message when it cannot be decoded (raised by the reader)."""
+        """The frame's tensor, or the one-line error message when it cannot be decoded or is smaller than a patch
+        (raised by the reader)."""
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return f"{self.paths[i]}: not a readable image ({e})"
-        return utils.crop_to_patch_multiple(self.transform(img), self.patch_size)
+        img = self.transform(img)
+        if min(img.shape[-2:]) < self.patch_size:
+            return (f"{self.paths[i]}: {img.shape[-2]}x{img.shape[-1]} pixels as the model sees it (see --resize), "
+                    f"smaller than one {self.patch_size}x{self.patch_size} patch")
+        return utils.crop_to_patch_multiple(img, self.patch_size)
 
 
 def collate_frames(items: list):
@@ -220,18 +238,27 @@ def collate_frames(items: list):
     return errors[0] if errors else torch.stack(items)
 
 
-def attention_images(model, frames: list, attention_dir: str, device: torch.device, args):
-    """Yield, frame by frame and in order, the RGB attention image, also saved as attention_dir/attn-<frame>.jpg."""
+def frame_batches(frames: list, device: torch.device, args):
+    """Yield the frames, --batch_size at a time and in order, as (B, 3, H, W) tensors on device.
+
+    --num_workers processes decode them ahead of the model; a frame that cannot be used is a one-line error.
+    """
     loader = torch.utils.data.DataLoader(FrameDataset(frames, args.resize, args.patch_size),
                                          batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=collate_frames, pin_memory=device.type == "cuda")
-    cmap = matplotlib.colormaps["inferno"]
-    start, model_time, done = time.time(), 0.0, 0
-    for b, batch in enumerate(loader):
+    for batch in loader:
         if isinstance(batch, str):
             raise utils.InputError(batch)
+        yield batch.to(device, non_blocking=True)
+
+
+def attention_images(model, frames: list, attention_dir: str, device: torch.device, args):
+    """Yield, frame by frame and in order, the RGB attention image, also saved as attention_dir/attn-<frame>.jpg."""
+    cmap = matplotlib.colormaps["inferno"]
+    start, model_time, done = time.time(), 0.0, 0
+    for b, batch in enumerate(frame_batches(frames, device, args)):
         t = time.time()
-        attentions = utils.cls_attention_maps(model, batch.to(device, non_blocking=True))
+        attentions = utils.cls_attention_maps(model, batch)
         masks = utils.attention_mass_mask(attentions, args.threshold)  # (B, heads, h, w), like attentions
         maps = (attentions * masks).mean(dim=1, keepdim=True)  # (B, 1, h, w): mean over heads of the kept mass
         maps = utils.upsample_patches(maps, args.patch_size)[:, 0].cpu().numpy()  # (B, H, W)
@@ -247,6 +274,56 @@ def attention_images(model, frames: list, attention_dir: str, device: torch.devi
     total = time.time() - start
     print(f"Attention images of {done} frames in {attention_dir}: {total:.1f} s, {done / total:.2f} frames/s "
           f"({done / model_time:.2f} frames/s in the model, on {device})")
+
+
+def pca_images(model, frames: list, pca_dir: str, device: torch.device, args):
+    """Yield, frame by frame and in order, the RGB image of the PCA of the frame's patch features, also saved as
+    pca_dir/pca-<frame>.jpg.
+
+    The frames go through the model twice: the first pass fits one PCA on the patch features of all
+    frames (fit_video_pca), the second colours each frame's patches by their scores on its first 3
+    components, min-max scaled over the fitted features, so a colour means the same in every frame.
+    """
+    pca = fit_video_pca(model, frames, device, args)
+    start, done = time.time(), 0
+    for b, batch in enumerate(frame_batches(frames, device, args)):
+        features = utils.patch_features(model, batch)  # (B, h, w, D)
+        B, h, w, dim = features.shape
+        rgb = pca.rgb(features.reshape(-1, dim).cpu()).reshape(B, h, w, 3).permute(0, 3, 1, 2)  # (B, 3, h, w)
+        rgb = utils.upsample_patches(rgb, args.patch_size)  # (B, 3, H, W)
+        for image in (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+            stem = os.path.splitext(os.path.basename(frames[done]))[0]
+            Image.fromarray(image).save(os.path.join(pca_dir, f"pca-{stem}.jpg"))
+            done += 1
+            yield image
+        if b % 10 == 0 or done == len(frames):
+            print(f"PCA: {done}/{len(frames)} frames")
+    print(f"PCA images of {done} frames in {pca_dir}: {time.time() - start:.1f} s, on {device}")
+
+
+def fit_video_pca(model, frames: list, device: torch.device, args) -> utils.PatchPCA:
+    """One PCA (utils.PatchPCA, its signs by its rule, frame borders taken for background) of the patch features of
+    all frames, or, when there are more than --pca_fit_tokens, of as many drawn at random (seed 0), an equal share
+    of each frame: the features fitted on are held in memory (on the CPU)."""
+    share = max(1, args.pca_fit_tokens // len(frames))
+    generator = torch.Generator().manual_seed(0)
+    samples, borders, total = [], [], 0
+    for batch in frame_batches(frames, device, args):
+        features = utils.patch_features(model, batch).float().cpu()  # (B, h, w, D)
+        B, h, w, dim = features.shape
+        border = utils.border_patches(h, w).flatten()  # (h * w,)
+        for frame_features in features.reshape(B, h * w, dim):
+            keep = torch.randperm(h * w, generator=generator)[:share] if share < h * w else torch.arange(h * w)
+            samples.append(frame_features[keep])
+            borders.append(border[keep])
+        total += B * h * w
+    features = torch.cat(samples)
+    if len(features) < total:
+        print(f"PCA fitted on {len(features)} of the {total} patch features of {len(frames)} frames, {share} drawn "
+              f"at random from each frame, to fit in memory (--pca_fit_tokens {args.pca_fit_tokens})")
+    else:
+        print(f"PCA fitted on all {total} patch features of {len(frames)} frames")
+    return utils.PatchPCA.fit(features, border=torch.cat(borders))
 
 
 def colorize(attention: np.ndarray, cmap) -> np.ndarray:

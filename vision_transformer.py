@@ -1,9 +1,10 @@
-"""Vision Transformer backbones and the DINO projection head.
+"""Vision Transformer backbones (DINO's and DINOv2's) and the DINO projection head.
 
-The module is self-contained, ordered bottom-up: drop path, MLP, attention, block,
-patch embedding, the ViT itself, the DINO head, then `build_model`, the one
-builder every script uses. State-dict keys are those of the original DINO code,
-so its published weights load with strict=True and our checkpoints load there.
+The module is self-contained, ordered bottom-up: drop path, MLP (and DINOv2's SwiGLU),
+layer scale, attention, block, patch embedding, the ViT itself, DINOv2's ViT, the DINO
+head, then `build_model`, the one builder every script uses. State-dict keys are those
+of the original DINO code and of DINOv2's published backbones, so both sets of
+published weights load with strict=True and our checkpoints load there.
 
     >>> from vision_transformer import build_model
     >>> backbone = build_model("vit_small", patch_size=16)
@@ -11,6 +12,7 @@ so its published weights load with strict=True and our checkpoints load there.
     torch.Size([2, 384])
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -47,6 +49,35 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLUFFN(nn.Module):
+    """DINOv2's feed-forward layer of ViT-g: w3(silu(x1) * x2), where x1, x2 = w12(x).chunk(2).
+
+    hidden_features is the MLP's 4 * D; the gated hidden size H is 2/3 of it rounded up to a
+    multiple of 8, H = (int(4D * 2/3) + 7) // 8 * 8, which keeps the parameter count of the MLP.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        hidden = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(in_features, 2 * hidden)
+        self.w3 = nn.Linear(hidden, in_features)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)  # each (B, N, H)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnt scale of a residual branch (DINOv2's ls1, ls2), 1e-5 at init as DINOv2's default."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -72,23 +103,28 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    ls1 and ls2 are DINOv2's layer scales; without `layerscale` (DINO) they are identities.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, layerscale: bool = False, ffn_layer: type = Mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = ffn_layer(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         y, attn = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
             return attn
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class PatchEmbed(nn.Module):
@@ -104,21 +140,52 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def resize_pos_embed(patch_pos_embed: torch.Tensor, h: int, w: int, antialias: bool = False) -> torch.Tensor:
+    """The (1, n * n, D) position embedding of an n x n patch grid resized bicubically to h x w, (1, h * w, D), fp32.
+
+    antialias False, the rule of DINO and of DINOv2 without registers: scale factors ((h + 0.1) / n,
+    (w + 0.1) / n), without antialiasing. The 0.1 keeps floating-point error from making the grid one
+    patch short; torch resamples with the scale factors themselves, so the published numbers need it.
+    antialias True, DINOv2's rule for its register models: the size (h, w) itself, antialiased.
+    Computed in fp32 whatever the embedding's dtype, as DINOv2 does.
+    """
+    n_pos, dim = patch_pos_embed.shape[1:]
+    n = int(math.sqrt(n_pos))
+    grid = patch_pos_embed.float().reshape(1, n, n, dim).permute(0, 3, 1, 2)  # (1, D, n, n)
+    if antialias:
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+    else:
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic")
+    if grid.shape[-2:] != (h, w):
+        raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)  # (1, h * w, D)
+
+
 class VisionTransformer(nn.Module):
-    """ViT as used by DINO: forward returns the normed [CLS] token (num_classes=0)."""
+    """ViT as used by DINO: forward returns the normed [CLS] token (num_classes=0).
+
+    Token layout: [CLS] first, then `num_prefix_tokens - 1` others (DINOv2's registers, none
+    here), then the patches row by row; whatever wants patches skips num_prefix_tokens.
+    """
+
+    num_prefix_tokens = 1
+    interpolate_antialias = False  # DINO's position-embedding rule (see resize_pos_embed)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, layerscale: bool = False,
+                 ffn_layer: type = Mlp):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        # stochastic depth grows with depth; on the CPU even where a meta-device model is built (layouts, tests)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i]) for i in range(depth))
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], layerscale=layerscale,
+                  ffn_layer=ffn_layer) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -127,31 +194,27 @@ class VisionTransformer(nn.Module):
         self.apply(_init_weights)
 
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Position embedding for an (h, w) input, resized from the (n, n) training grid.
+        """Position embedding (1, 1 + N, D) for the tokens x ([CLS] and N patches) of an (h, w) input, in x's dtype.
 
-        Matches the original numerically: bicubic resize with scale factors
-        ((h // p + 0.1) / n, (w // p + 0.1) / n). The 0.1 avoids floating point
-        error making the output grid one patch short.
+        The training grid's embedding itself for a square input of that grid; otherwise
+        resized by resize_pos_embed with this model's rule. [CLS]'s embedding is kept.
         """
         npatch = x.shape[1] - 1
-        n_pos = self.pos_embed.shape[1] - 1
-        if npatch == n_pos and w == h:
+        if npatch == self.pos_embed.shape[1] - 1 and w == h:
             return self.pos_embed
-        class_pos_embed = self.pos_embed[:, :1]
-        dim = x.shape[-1]
-        n = int(math.sqrt(n_pos))
-        h0 = h // self.patch_size + 0.1
-        w0 = w // self.patch_size + 0.1
-        grid = self.pos_embed[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2)  # (1, D, n, n)
-        grid = F.interpolate(grid, scale_factor=(h0 / n, w0 / n), mode="bicubic")
-        if grid.shape[-2:] != (h // self.patch_size, w // self.patch_size):
-            raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, "
-                               f"expected {(h // self.patch_size, w // self.patch_size)}")
-        patch_pos_embed = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+        p = self.patch_size
+        patch_pos_embed = resize_pos_embed(self.pos_embed[:, 1:], h // p, w // p, self.interpolate_antialias)
+        return torch.cat((self.pos_embed[:, :1].float(), patch_pos_embed), dim=1).to(x.dtype)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images to (B, 1 + N, D) tokens: [CLS] and the patches, position embedding added.
+
+        Sides that are not multiples of the patch size lose their remainder at the bottom and right
+        (the strided patch convolution drops it).
+        """
         B, _, h, w = x.shape
+        if h < self.patch_size or w < self.patch_size:
+            raise ValueError(f"input {h}x{w} is smaller than one {self.patch_size}x{self.patch_size} patch")
         x = self.patch_embed(x)  # (B, N, D)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, D)
         return x + self.interpolate_pos_encoding(x, h, w)
@@ -164,14 +227,14 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of the last block, (B, heads, 1 + N, 1 + N)."""
+        """Softmax attention of the last block over all tokens, (B, heads, T, T), T = num_prefix_tokens + N."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1](x, return_attention=True)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list:
-        """Normed token outputs (B, 1 + N, D) of the last n blocks."""
+        """Normed outputs of all tokens (B, num_prefix_tokens + N, D) of the last n blocks."""
         x = self.prepare_tokens(x)
         output = []
         for i, blk in enumerate(self.blocks):
@@ -205,6 +268,59 @@ def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
 
 VIT_ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
              "deit_tiny": vit_tiny, "deit_small": vit_small}
+
+
+# ============ DINOv2's ViTs ============
+
+DINOV2_PATCH_SIZE = 14
+DINOV2_NUM_REGISTERS = 4
+
+
+class DINOv2VisionTransformer(VisionTransformer):
+    """ViT in the layout of DINOv2's published backbones; forward returns the normed [CLS] (DINOv2's x_norm_clstoken).
+
+    What differs from DINO's ViT: 14-pixel patches and a position embedding of a 518-pixel
+    (37 x 37) grid, LayerScale in every block, SwiGLU instead of the MLP in ViT-g, a mask token
+    and, in the _reg models, register tokens right after [CLS], which get no position embedding.
+    get_intermediate_layers and get_last_selfattention cover all tokens, registers included.
+    """
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, ffn_layer: type = Mlp,
+                 num_register_tokens: int = 0, interpolate_antialias: bool = False, drop_path_rate: float = 0.0):
+        super().__init__(img_size=518, patch_size=DINOV2_PATCH_SIZE, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, drop_path_rate=drop_path_rate, layerscale=True, ffn_layer=ffn_layer)
+        self.num_prefix_tokens = 1 + num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
+        # DINOv2 trains it as the embedding of iBOT's masked patches; DINO masks none: kept frozen, to load its files
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
+        nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2's initialisation
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images to (B, 1 + R + N, D) tokens: [CLS], the R registers, the patches.
+
+        The position embedding is added to [CLS] and the patches first; the registers come after it.
+        """
+        x = super().prepare_tokens(x)  # (B, 1 + N, D)
+        if self.register_tokens is None:
+            return x
+        registers = self.register_tokens.expand(x.shape[0], -1, -1)  # (B, R, D)
+        return torch.cat((x[:, :1], registers, x[:, 1:]), dim=1)
+
+
+# Sizes (dim/depth/heads) of DINOv2's ViT-S, B, L and g; ViT-g has SwiGLU.
+DINOV2_ARCHS = {
+    "dinov2_vits14": partial(DINOv2VisionTransformer, embed_dim=384, depth=12, num_heads=6),
+    "dinov2_vitb14": partial(DINOv2VisionTransformer, embed_dim=768, depth=12, num_heads=12),
+    "dinov2_vitl14": partial(DINOv2VisionTransformer, embed_dim=1024, depth=24, num_heads=16),
+    "dinov2_vitg14": partial(DINOv2VisionTransformer, embed_dim=1536, depth=40, num_heads=24, ffn_layer=SwiGLUFFN),
+}
+# the register models: their position embedding is resized to the grid's size with antialiasing, as DINOv2's hub does
+DINOV2_ARCHS.update({f"{name}_reg": partial(build, num_register_tokens=DINOV2_NUM_REGISTERS, interpolate_antialias=True)
+                     for name, build in list(DINOV2_ARCHS.items())})
 
 
 # ============ DINO head ============
@@ -284,15 +400,21 @@ def torchvision_arch_names() -> list:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, *, patch_size: int = 16, drop_path_rate: float = 0.0) -> nn.Module:
+def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.0) -> nn.Module:
     """Backbone without classifier for `arch`; its feature size is `model.embed_dim`.
 
-    ViTs (vit_tiny/small/base, deit_* aliases), any torchvision classification model
-    (classifier replaced by identity) or an XCiT model from the facebookresearch/xcit
-    hub, which is only contacted here, when such a name is asked for.
+    ViTs (vit_tiny/small/base, deit_* aliases; patch_size None: 16), DINOv2's ViTs
+    (dinov2_vits14, _vitb14, _vitl14, _vitg14 and each with _reg; their patch size is 14),
+    any torchvision classification model (classifier replaced by identity) or an XCiT model
+    from the facebookresearch/xcit hub, which is only contacted here, when such a name is asked for.
     """
     if arch in VIT_ARCHS:
-        return VIT_ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate)
+        return VIT_ARCHS[arch](patch_size=patch_size or 16, drop_path_rate=drop_path_rate)
+    if arch in DINOV2_ARCHS:
+        if patch_size not in (None, DINOV2_PATCH_SIZE):
+            raise UnknownArchError(f"--patch_size {patch_size}: {arch} has {DINOV2_PATCH_SIZE}x{DINOV2_PATCH_SIZE} "
+                                   f"patches (give --patch_size {DINOV2_PATCH_SIZE})")
+        return DINOV2_ARCHS[arch](drop_path_rate=drop_path_rate)
     if arch.startswith("xcit"):
         try:
             model = torch.hub.load("facebookresearch/xcit:main", arch, num_classes=0,
@@ -307,8 +429,8 @@ def build_model(arch: str, *, patch_size: int = 16, drop_path_rate: float = 0.0)
         model = torchvision.models.get_model(arch, weights=None)
         model.embed_dim = _drop_classifier(model, arch)
         return model
-    raise UnknownArchError(f"unknown --arch {arch!r}; valid: {', '.join(VIT_ARCHS)}, xcit_* (facebookresearch/xcit "
-                           f"hub), or a torchvision model: {', '.join(names)}")
+    raise UnknownArchError(f"unknown --arch {arch!r}; valid: {', '.join(VIT_ARCHS)}, {', '.join(DINOV2_ARCHS)}, "
+                           f"xcit_* (facebookresearch/xcit hub), or a torchvision model: {', '.join(names)}")
 
 
 def _drop_classifier(model: nn.Module, arch: str) -> int:

@@ -1,17 +1,26 @@
-"""Self-attention maps of a DINO ViT: what the [CLS] token of the last layer looks at, head by head.
+"""Self-attention maps of a DINO or DINOv2 ViT: what the [CLS] token of the last layer looks at, head by head.
 
     # the paper's ViT-S/8 (300 epochs, downloaded once) on a photo that ships with scikit-image
     python visualize_attention.py --output_dir attention/
     # your photo and checkpoint, with masks that keep 60% of each head's attention mass
     python visualize_attention.py --arch vit_small --patch_size 16 --pretrained_weights output/checkpoint.pth \
         --image_path photo.jpg --image_size 480 --threshold 0.6 --output_dir attention/
+    # DINOv2's ViT-S/14 with registers (downloaded once), and the PCA of its patch features
+    python visualize_attention.py --arch dinov2_vits14_reg --patch_size 14 --image_size 448 --pca --output_dir pca/
 
 Writes to --output_dir: img.png (the input as the model saw it: resized, cropped to a multiple
 of the patch size), attn-head{i}.png for each head, overview.png (the input and every head side
 by side) and, with --threshold t, mask_th{t}_head{i}.png (each head's mask drawn over the input).
+The attention is [CLS]'s to the patches; DINOv2's registers are left out.
+With --pca also pca.png (the first 3 principal components of the last layer's patch features,
+each min-max scaled to a colour channel) and pca_foreground.png (the patches whose first
+component is above --pca_threshold, coloured by a second PCA of these patches alone; the rest
+black). The sign of each component is fixed by the rule of utils.PatchPCA: the same image and
+weights give the same colours every run.
 """
 import argparse
 import colorsys
+import math
 import os
 
 import matplotlib.image
@@ -36,15 +45,22 @@ def get_args_parser():
     parser.add_argument("--output_dir", default=".", type=str, help="Where the figures are written.")
     parser.add_argument("--threshold", default=None, type=float, help="""Also write masks that keep, for each head,
         the smallest set of patches holding this fraction of its attention mass (0.6 in the paper's figures).""")
+    parser.add_argument("--pca", action="store_true", help="""Also write pca.png, the first 3 principal components
+        of the last layer's patch features as RGB, and pca_foreground.png, a second PCA of the foreground alone.""")
+    parser.add_argument("--pca_threshold", default=0.0, type=float, help="""With --pca: the foreground is the
+        patches whose first principal component score, in standard deviations of that score, is above this; 0 keeps
+        the positive scores, as DINOv2's paper. Raise it if the foreground takes background in.""")
     return parser
 
 
-FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "image_size": utils.AT_LEAST_ONE, "threshold": utils.FRACTION}
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "image_size": utils.AT_LEAST_ONE, "threshold": utils.FRACTION,
+                "pca_threshold": utils.FINITE}
 
 
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
     utils.check_flag_domains(args, FLAG_DOMAINS)
+    utils.check_patch_fits(args)  # a DINOv2 ViT's patch size
     if not 1 <= len(args.image_size) <= 2:
         raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: give one size (shorter side) "
                                f"or two (height width)")
@@ -90,6 +106,28 @@ def main(args):
     attentions = utils.upsample_patches(attentions, args.patch_size)[0].cpu().numpy()  # (heads, H, W)
     masks = utils.upsample_patches(masks, args.patch_size)[0].cpu().numpy() if masks is not None else None
     save_figures(img, attentions, masks, args)
+
+    if args.pca:
+        # ============ PCA of the patch features ... ============
+        save_pca_figures(model, img.to(device), args)
+
+
+def save_pca_figures(model, img: torch.Tensor, args) -> None:
+    """pca.png and pca_foreground.png of the (3, H, W) image's last-layer patch features."""
+    features = utils.patch_features(model, img[None])[0]  # (h, w, D)
+    rgb, foreground_rgb, foreground = utils.pca_pictures(features, args.pca_threshold)
+    print(f"PCA of {foreground.numel()} patch features: {int(foreground.sum())} foreground patches "
+          f"(first component above {args.pca_threshold:g} standard deviations)")
+    for name, colours in (("pca.png", rgb), ("pca_foreground.png", foreground_rgb)):
+        fname = os.path.join(args.output_dir, name)
+        save_rgb(utils.upsample_patches(colours[None], args.patch_size)[0], fname)
+        print(f"{fname} saved.")
+
+
+def save_rgb(rgb: torch.Tensor, fname: str) -> None:
+    """(3, H, W) colours in [0, 1] as an 8-bit PNG (0..1 to 0..255, rounded)."""
+    pixels = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    Image.fromarray(pixels).save(fname)
 
 
 def save_figures(img: torch.Tensor, attentions: np.ndarray, masks, args) -> None:

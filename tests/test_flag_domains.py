@@ -49,6 +49,8 @@ def check(name, argv):
 
 # (script, flags, the whole error message, written out by hand)
 BAD_VALUES = [
+    ("visualize_attention", "--pca_threshold inf", "--pca_threshold inf: must be a finite number"),
+    ("video_generation", "--pca_fit_tokens 2", "--pca_fit_tokens 2: must be >= 3"),
     ("main_dino", "--patch_size 0", "--patch_size 0: must be >= 1"),
     ("main_dino", "--patch_size -3", "--patch_size -3: must be >= 1"),
     ("main_dino", "--out_dim 0", "--out_dim 0: must be >= 1"),

@@ -13,10 +13,14 @@ import torchvision
 
 import hubconf
 from conftest import REPO
+from test_dinov2 import SIZES, dinov2_layout, random_weights
 from vision_transformer import vit_small
 
+# DINOv2's own entry-point names
+DINOV2_ENTRYPOINTS = ["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
+                      "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg", "dinov2_vitg14_reg"]
 ENTRYPOINTS = {"dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50", "dino_xcit_small_12_p16",
-               "dino_xcit_small_12_p8", "dino_xcit_medium_24_p16", "dino_xcit_medium_24_p8"}
+               "dino_xcit_small_12_p8", "dino_xcit_medium_24_p16", "dino_xcit_medium_24_p8", *DINOV2_ENTRYPOINTS}
 
 
 
@@ -114,6 +118,42 @@ def test_offline_download_is_a_clear_error(hub_cache):
         hubconf.dino_vits8()
     assert "\n" not in str(e.value)
     assert os.listdir(hub_cache) == []  # no partial file left behind
+
+
+def test_dinov2_entrypoints_load_the_cached_published_files(hub_cache):
+    """Random weights in DINOv2's layout, placed in the hub cache under the published file names."""
+    files = {"dinov2_vits14": "dinov2_vits14_pretrain.pth", "dinov2_vits14_reg": "dinov2_vits14_reg4_pretrain.pth"}
+    for seed, (name, file) in enumerate(files.items()):
+        published = random_weights(name, seed)
+        torch.save(published, hub_cache / file)
+        for model in (getattr(hubconf, name)(), torch.hub.load(REPO, name, source="local")):
+            assert model.state_dict().keys() == published.keys()
+            assert all(torch.equal(v, published[k]) for k, v in model.state_dict().items()), name
+            with torch.no_grad():
+                assert model.eval()(torch.randn(1, 3, 28, 42)).shape == (1, 384)
+    assert sorted(os.listdir(hub_cache)) == sorted(files.values())  # nothing else downloaded
+
+
+@pytest.mark.parametrize("name", DINOV2_ENTRYPOINTS)
+def test_dinov2_entrypoints_fetch_the_published_url(name, monkeypatch):
+    """Every entry point asks torch.hub for DINOv2's file (the _reg4 file in its model's folder) and loads a state
+    dict of DINOv2's layout strictly; on the meta device, as ViT-g is 1.1 billion parameters."""
+    urls = []
+
+    def published(url, **kwargs):
+        urls.append(url)
+        return {k: torch.empty(shape, device="meta") for k, shape in dinov2_layout(name).items()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", published)
+    with torch.device("meta"):
+        model = getattr(hubconf, name)(drop_path_rate=0.2)  # kwargs reach the constructor
+    folder = name.removesuffix("_reg")
+    assert urls == [f"https://dl.fbaipublicfiles.com/dinov2/{folder}/{folder}{'_reg4' * name.endswith('_reg')}"
+                    f"_pretrain.pth"]
+    assert model.embed_dim == SIZES[folder.split("_")[1]][0]
+    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    size = {"s": "S", "b": "B", "l": "L", "g": "g"}[folder[-3]]
+    assert getattr(hubconf, name).__doc__.startswith(f"DINOv2's ViT-{size}/14")
 
 
 def test_xcit_entrypoints_need_the_xcit_hub_and_say_so_offline(hub_cache):
