@@ -83,11 +83,13 @@ def main(args):
 
         # ============ extracting features ... ============
         utils.print_main("Extracting features for train set...")
-        train_features, train_labels = utils.extract_features(model, dataset_train, args.batch_size_per_gpu,
-                                                              args.num_workers, dist_env.device, storage)
+        train_features, train_labels = utils.extract_features(
+            model, utils.feature_loader(dataset_train, args.batch_size_per_gpu, args.num_workers, dist_env.device),
+            dist_env.device, storage)
         utils.print_main("Extracting features for val set...")
-        test_features, test_labels = utils.extract_features(model, dataset_val, args.batch_size_per_gpu,
-                                                            args.num_workers, dist_env.device, storage)
+        test_features, test_labels = utils.extract_features(
+            model, utils.feature_loader(dataset_val, args.batch_size_per_gpu, args.num_workers, dist_env.device),
+            dist_env.device, storage)
         if args.dump_features and utils.is_main_process():
             dump_features(args.dump_features, train_features, test_features, train_labels, test_labels)
 

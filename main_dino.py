@@ -11,6 +11,7 @@ Training resumes from output_dir/checkpoint.pth when it exists.
 """
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -51,8 +52,10 @@ def get_args_parser():
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (float16
         autocast with loss scaling) on CUDA; CPU runs are fp32. Faster and lighter, but it can make training
         unstable and cost a little accuracy: turn it off if the loss misbehaves, for smaller patches or larger ViTs.""")
-    parser.add_argument("--use_bf16", type=utils.bool_flag, default=False, help="""Autocast to bfloat16
-        instead of float16 (no loss scaling needed; Ampere GPUs and newer). Takes precedence over --use_fp16.""")
+    parser.add_argument("--use_bf16", type=utils.bool_or_auto_flag, default=False, help="""Autocast to bfloat16
+        instead of float16 (no loss scaling needed; Ampere GPUs and newer, or CPUs). Takes precedence over
+        --use_fp16. auto: bfloat16 where the hardware has bfloat16 matrix units (a GPU that supports it, a CPU with
+        AMX or AVX512-BF16; on CPUs with AMX it trains about 2x faster than fp32), else as --use_fp16 says.""")
     parser.add_argument("--weight_decay", type=float, default=0.04, help="""Weight decay at the start of
         training; ViTs do well with a small value early on.""")
     parser.add_argument("--weight_decay_end", type=float, default=0.4, help="""Weight decay at the end of
@@ -66,8 +69,8 @@ def get_args_parser():
         the head's last layer is not updated; increase it if the loss does not go down.""")
     parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate, reached at the end of the
         linear warmup, for a total batch of 256: it is scaled linearly with the total batch size.""")
-    parser.add_argument("--warmup_epochs", default=10, type=int,
-                        help="Epochs of linear learning-rate warmup.")
+    parser.add_argument("--warmup_epochs", default=10, type=float, help="""Epochs of linear learning-rate
+        warmup; a fraction such as 0.5 serves short runs (the warmup is counted in iterations).""")
     parser.add_argument("--min_lr", type=float, default=1e-6, help="""Learning rate at the end of training,
         reached along a cosine after the warmup.""")
     parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
@@ -101,6 +104,9 @@ def get_args_parser():
         backbone is evaluated with the weighted k-NN of eval_knn.py (train/ as the bank, val/ as the queries) and
         knn_top1/knn_top5 are written to log.txt. Off when empty.""")
     parser.add_argument("--knn_freq", default=1, type=int, help="k-NN monitoring every x epochs.")
+    parser.add_argument("--knn_student", default=False, type=utils.bool_flag, help="""The k-NN monitoring also
+        scores the student's backbone, logged as knn_student_top1/knn_student_top5. In short runs the teacher can
+        lag the student (too slow an EMA: lower --momentum_teacher); only the two side by side show it.""")
     parser.add_argument("--knn_k", default=20, type=int, help="Neighbours of the k-NN monitoring.")
     parser.add_argument("--knn_temperature", default=0.07, type=float, help="Temperature of the k-NN vote.")
     parser.add_argument("--knn_batch_size", default=256, type=int, help="Batch size of the k-NN feature extraction.")
@@ -148,7 +154,7 @@ def check_args(args) -> None:
         raise utils.InputError(f"--warmup_teacher_temp_epochs {args.warmup_teacher_temp_epochs} is more than "
                          f"--epochs {args.epochs}")
     if args.warmup_epochs > args.epochs:
-        raise utils.InputError(f"--warmup_epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
+        raise utils.InputError(f"--warmup_epochs {args.warmup_epochs:g} is more than --epochs {args.epochs}")
     crops = ["global_crops_size"]
     if args.local_crops_number:
         crops.append("local_crops_size")
@@ -232,7 +238,7 @@ def main(args):
     # ============ preparing data ... ============
     data_loader = build_data_loader(args, dist_env, augmentation)
     crops_of = crops_to_device(augmentation, dist_env.device)
-    knn_datasets = build_knn_datasets(args)
+    knn_loaders = build_knn_loaders(args, dist_env)
 
     # ============ building student and teacher networks, loss, optimizer and precision ... ============
     dino = DINO.build(args, dist_env)
@@ -244,13 +250,13 @@ def main(args):
     # ============ optionally resume training ... ============
     checkpoint = dino.resume(os.path.join(args.output_dir, "checkpoint.pth"))
     start_epoch = checkpoint.get("epoch", 0)
-    append_missing_log_line(checkpoint, knn_datasets, dino.teacher_without_ddp.backbone, args, dist_env)
+    append_missing_log_line(checkpoint, knn_loaders, dino, args, dist_env)
 
     start_time = time.time()
     knn_init = {}
-    if knn_datasets and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
+    if knn_loaders and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
         knn_init = {f"{k}_init": v for k, v in
-                    knn_monitor(dino.teacher_without_ddp.backbone, knn_datasets, args, dist_env).items()}
+                    knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env).items()}
     utils.print_main("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         data_loader.sampler.set_epoch(epoch)
@@ -261,7 +267,8 @@ def main(args):
         epoch_time = time.time() - epoch_start
 
         # ============ writing logs ... ============
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "ln_out_dim": math.log(args.out_dim),
+                     "epoch": epoch,
                      "time": round(epoch_time, 2),
                      "images_per_s": round(len(data_loader) * args.batch_size_per_gpu * dist_env.world_size /
                                            epoch_time, 1),
@@ -276,8 +283,8 @@ def main(args):
         utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-        if knn_due(epoch, knn_datasets, args):
-            log_stats.update(knn_monitor(dino.teacher_without_ddp.backbone, knn_datasets, args, dist_env))
+        if knn_due(epoch, knn_loaders, args):
+            log_stats.update(knn_monitoring(dino, knn_loaders, args, dist_env))
         utils.append_log(args.output_dir, log_stats)
 
     total_time = time.time() - start_time
@@ -312,12 +319,13 @@ class DINO:
                    fp16_scaler, args.clip_grad, args.freeze_last_layer)
 
     def train_step(self, images: list, epoch: int, momentum: float) -> torch.Tensor:
-        """One DINO iteration on crops already on the device; returns the loss, left on the device (no host sync)."""
+        """One DINO iteration on crops already on the device. Returns [loss, the teacher's mean per-image entropy,
+        the entropy of its batch-mean distribution] (utils.teacher_entropies), left on the device (no host sync)."""
         with torch.autocast(**self.autocast):
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
             student_output = self.student(images)
-            loss = self.dino_loss(student_output, teacher_output, epoch)
+            loss, entropies = self.dino_loss(student_output, teacher_output, epoch, with_entropies=True)
 
         # student update
         self.optimizer.zero_grad(set_to_none=True)
@@ -331,7 +339,7 @@ class DINO:
 
         # EMA update for the teacher
         utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
-        return loss.detach()
+        return torch.cat((loss.detach().reshape(1), entropies))
 
     def state_dict(self) -> dict:
         """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
@@ -397,16 +405,16 @@ class Schedules:
         return float(self.momentum[it])
 
 
-def knn_due(epoch: int, knn_datasets, args) -> bool:
+def knn_due(epoch: int, knn_loaders, args) -> bool:
     """Whether the k-NN monitoring runs after this epoch: every --knn_freq epochs and after the last."""
-    return bool(knn_datasets) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
+    return bool(knn_loaders) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
 
 
-def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args, dist_env: utils.Distributed) -> None:
+def append_missing_log_line(checkpoint: dict, knn_loaders, dino: DINO, args, dist_env: utils.Distributed) -> None:
     """Write the log line of the checkpoint's epoch if log.txt lacks it (a run stopped after its checkpoint).
 
     The checkpoint keeps the line as it was before the k-NN monitoring; the monitoring is run again on the
-    checkpoint's teacher, which is the one it would have measured. Every process takes part in the k-NN, so
+    checkpoint's networks, which are the ones it would have measured. Every process takes part in the k-NN, so
     rank 0's reading of log.txt decides for all.
     """
     line = checkpoint.get("log")
@@ -416,35 +424,47 @@ def append_missing_log_line(checkpoint: dict, knn_datasets, backbone, args, dist
     if not utils.all_reduce_sum(torch.tensor([float(missing)])).item():
         return
     line = dict(line)
-    if knn_due(line["epoch"], knn_datasets, args):
-        line.update(knn_monitor(backbone, knn_datasets, args, dist_env))
+    if knn_due(line["epoch"], knn_loaders, args):
+        line.update(knn_monitoring(dino, knn_loaders, args, dist_env))
     utils.append_log(args.output_dir, line)
     utils.print_main(f"log.txt had no line for epoch {line['epoch']} (the run stopped after its checkpoint): "
                      f"written from the checkpoint")
 
 
-def build_knn_datasets(args):
-    """(train, val) datasets of --knn_data_path for the k-NN monitoring, or None when it is off."""
+def build_knn_loaders(args, dist_env: utils.Distributed):
+    """(train, val) feature loaders of --knn_data_path for the k-NN monitoring, or None when it is off. Their
+    workers persist between epochs: starting them again each time would cost more than a small split's pass."""
     if not args.knn_data_path:
         return None
     transform = utils.eval_transform(args.resize_size, args.crop_size)
-    return utils.build_eval_datasets(args.knn_data_path, transform, transform)
+    return tuple(utils.feature_loader(dataset, args.knn_batch_size, args.num_workers, dist_env.device, persistent=True)
+                 for dataset in utils.build_eval_datasets(args.knn_data_path, transform, transform))
 
 
-def knn_monitor(backbone, knn_datasets, args, dist_env: utils.Distributed) -> dict:
+def knn_monitor(backbone, knn_loaders, args, dist_env: utils.Distributed, who: str = "teacher") -> dict:
     """Weighted k-NN top-1/top-5 (percent) of the backbone's features on --knn_data_path, as eval_knn.py computes."""
-    train, val = knn_datasets
+    train, val = knn_loaders
     was_training = backbone.training
     backbone.eval()
     device = dist_env.device
-    bank, bank_labels = utils.extract_features(backbone, train, args.knn_batch_size, args.num_workers, device, device)
-    queries, labels = utils.extract_features(backbone, val, args.knn_batch_size, args.num_workers, device, device)
+    bank, bank_labels = utils.extract_features(backbone, train, device, device)
+    queries, labels = utils.extract_features(backbone, val, device, device)
     backbone.train(was_training)
     results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
-                                   len(train.classes), rank=dist_env.rank, world_size=dist_env.world_size)
+                                   len(train.dataset.classes), rank=dist_env.rank, world_size=dist_env.world_size)
     top1, top5 = results[args.knn_k]
-    utils.print_main(f"k-NN monitoring ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, top-5 {top5:.2f}")
+    utils.print_main(f"k-NN monitoring of the {who} ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, "
+                     f"top-5 {top5:.2f}")
     return {"knn_top1": top1, "knn_top5": top5}
+
+
+def knn_monitoring(dino: DINO, knn_loaders, args, dist_env: utils.Distributed) -> dict:
+    """The teacher's k-NN (knn_top1, knn_top5) and, with --knn_student, the student's (knn_student_top1, ...)."""
+    stats = knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env)
+    if args.knn_student:
+        student = knn_monitor(dino.student.module.backbone, knn_loaders, args, dist_env, who="student")
+        stats.update({k.replace("knn_", "knn_student_"): v for k, v in student.items()})
+    return stats
 
 
 def checkpoint_args(args, dist_env: utils.Distributed) -> dict:
@@ -459,45 +479,63 @@ def checkpoint_args(args, dist_env: utils.Distributed) -> dict:
 def build_precision(args, device: torch.device):
     """torch.autocast's arguments and the GradScaler: bf16 (no scaling), fp16 with scaling (CUDA only) or fp32."""
     on_cuda = device.type == "cuda"
-    if args.use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+    use_bf16 = args.use_bf16
+    if use_bf16 == "auto":
+        units = ("bfloat16 support" if torch.cuda.is_bf16_supported() else "") if on_cuda else utils.cpu_bf16_units()
+        use_bf16 = bool(units)
+        utils.print_main(f"--use_bf16 auto: {device.type} " + (f"has {units}: training in bf16" if use_bf16 else
+                         "has no bfloat16 matrix units: bf16 would be slower, --use_bf16 false"))
+    if use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
         raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
-    if args.use_fp16 and not args.use_bf16 and not on_cuda:
+    if use_bf16 and not on_cuda and not utils.cpu_bf16_units():
+        utils.print_main("--use_bf16 true: this CPU has no bfloat16 matrix units (AMX, AVX512-BF16): bf16 is emulated "
+                         "and may train slower than fp32")
+    if args.use_fp16 and not use_bf16 and not on_cuda:
         utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
-                    enabled=args.use_bf16 or (args.use_fp16 and on_cuda))
-    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not args.use_bf16 and on_cuda)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16,
+                    enabled=use_bf16 or (args.use_fp16 and on_cuda))
+    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not use_bf16 and on_cuda)
     return autocast, fp16_scaler
 
 
 def train_one_epoch(dino: DINO, data_loader, crops_of, schedules: Schedules, epoch: int, args) -> dict:
-    """One epoch of DINO steps; returns the epoch's averaged loss, lr and weight decay over all processes."""
+    """One epoch of DINO steps; returns the epoch's averaged loss, lr, weight decay and collapse diagnostics
+    (teacher_entropy, teacher_batch_entropy, kl: see utils.teacher_entropies) over all processes."""
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    pending_losses = []  # losses stay on the device until the next log line: no host sync per step
+    pending = []  # step values stay on the device until the next log line: no host sync per step
+    collapse = utils.CollapseCounter(args.out_dim)
     last = len(data_loader) - 1
     for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
         it = len(data_loader) * epoch + i  # global training iteration
         momentum = schedules.apply(dino.optimizer, it)
-        loss = dino.train_step(crops_of(images), epoch, momentum)
+        pending.append(dino.train_step(crops_of(images), epoch, momentum))
 
-        pending_losses.append(loss)
         if i % args.log_freq == 0 or i == last:
-            check_losses_finite(pending_losses, args)
-            for value in torch.stack(pending_losses).tolist():
-                metric_logger.update(loss=value)
-            pending_losses.clear()
+            values = torch.stack(pending)
+            check_losses_finite(values[:, 0], args)
+            for loss, entropy, batch_entropy in values.tolist():
+                metric_logger.update(loss=loss, teacher_entropy=entropy, teacher_batch_entropy=batch_entropy,
+                                     kl=loss - entropy)
+                collapse.add(entropy, batch_entropy)
+            pending.clear()
             metric_logger.update(lr=dino.optimizer.param_groups[0]["lr"],
                                  wd=dino.optimizer.param_groups[0]["weight_decay"])
     metric_logger.synchronize_between_processes()
     utils.print_main("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    warning = collapse.warning(epoch)
+    if warning:
+        utils.print_main(warning)
+        stats["warning"] = warning
+    return stats
 
 
-def check_losses_finite(losses, args) -> None:
+def check_losses_finite(losses: torch.Tensor, args) -> None:
     """Stop every process if any recent loss is not finite; no checkpoint is written for this epoch."""
-    bad = utils.all_reduce_sum((~torch.isfinite(torch.stack(losses))).sum().reshape(1).float())
+    bad = utils.all_reduce_sum((~torch.isfinite(losses)).sum().reshape(1).float())
     if bad.item() > 0:
-        values = torch.stack(losses).tolist()
+        values = losses.tolist()
         utils.print_main(f"Loss is {values[-1]} (non-finite in {int(bad.item())} recent steps), stopping training; "
                          f"the last checkpoint in {args.output_dir} is left as it was")
         sys.exit(1)

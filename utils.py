@@ -246,6 +246,27 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (use on/off, true/false, 1/0)")
 
 
+def bool_or_auto_flag(s: str):
+    """argparse type for a boolean flag that also takes `auto` (decided at run time from the hardware)."""
+    return "auto" if s.lower() == "auto" else bool_flag(s)
+
+
+def cpu_bf16_units() -> str:
+    """The bfloat16 matrix instructions of this CPU: 'AMX', 'AVX512-BF16', or '' (none: bf16 would be emulated,
+    slower than fp32)."""
+    try:  # torch's own dispatch checks; private, hence the fallback to the kernel's flags
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else ""
+    except AttributeError:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return ""
+        return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else ""
+
+
 class Domain:
     """The values a numeric flag allows: a range whose bounds (None: none) are each inclusive or not, or a set."""
 
@@ -1237,20 +1258,29 @@ def build_frozen_backbone(args, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def feature_loader(dataset, batch_size: int, num_workers: int, device: torch.device, persistent: bool = False):
+    """The DataLoader extract_features reads: this process's ShardedBatchSampler batches of the dataset.
+
+    persistent: keep the workers between passes (the k-NN monitoring reads the same images every few epochs; starting
+    workers costs seconds each time, more than a small split's whole pass).
+    """
+    sampler = ShardedBatchSampler(len(dataset), batch_size, get_rank(), get_world_size())
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                                       multiprocessing_context=worker_start_method(num_workers))
+
+
 @torch.inference_mode()
-def extract_features(model: nn.Module, dataset, batch_size: int, num_workers: int, device: torch.device,
-                     storage: torch.device):
+def extract_features(model: nn.Module, data_loader, device: torch.device, storage: torch.device):
     """L2-normalised features (N, D) of the dataset's readable images, in dataset order, and their labels (N,).
 
-    The model runs on device and the features are kept on storage. Each process runs the batches
-    ShardedBatchSampler deals it; after every round the batches of all processes are gathered with
+    data_loader: feature_loader's. The model runs on device and the features are kept on storage. Each process runs
+    the batches ShardedBatchSampler deals it; after every round the batches of all processes are gathered with
     their indices, so every process ends with all features.
     An unreadable image is skipped (ImageFolderSkipBad warns) and left out of features and labels.
     """
-    sampler = ShardedBatchSampler(len(dataset), batch_size, get_rank(), get_world_size())
-    data_loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                              pin_memory=device.type == "cuda",
-                                              multiprocessing_context=worker_start_method(num_workers))
+    dataset, sampler = data_loader.dataset, data_loader.batch_sampler
+    batch_size = sampler.batch_size
     dim = model.embed_dim
     features = torch.zeros(len(dataset), dim, device=storage)
     readable = torch.zeros(len(dataset), dtype=torch.bool, device=storage)
@@ -1342,9 +1372,10 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, nb_
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
-                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
-    """Per-iteration values: linear warmup from start_warmup_value, then cosine from base_value to final_value."""
-    warmup_iters = warmup_epochs * niter_per_ep
+                     warmup_epochs: float = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warmup from start_warmup_value, then cosine from base_value to final_value.
+    warmup_epochs may be a fraction of the epochs (rounded to whole iterations)."""
+    warmup_iters = round(warmup_epochs * niter_per_ep)
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
     schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
@@ -1810,8 +1841,12 @@ class DINOLoss(nn.Module):
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """student_output: (ncrops * B, K); teacher_output: (2 * B, K), global crops only."""
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                with_entropies: bool = False):
+        """student_output: (ncrops * B, K); teacher_output: (2 * B, K), global crops only.
+
+        with_entropies: also return teacher_entropies of this batch's teacher distributions (no gradient).
+        """
         # one log-softmax per student crop, reused for both teacher crops
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)  # (ncrops * B, K)
         temp = self.teacher_temp_schedule[epoch]
@@ -1827,7 +1862,8 @@ class DINOLoss(nn.Module):
                       + torch.sum(-teacher_p[1] * (logp_global[0] + logp_local), dim=-1).mean())
         n_loss_terms = 2 * (self.ncrops - 1)
         self.update_center(teacher_output)
-        return total_loss / n_loss_terms
+        loss = total_loss / n_loss_terms
+        return (loss, teacher_entropies(torch.cat(teacher_p))) if with_entropies else loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -1835,6 +1871,52 @@ class DINOLoss(nn.Module):
         batch_center = all_reduce_sum(torch.sum(teacher_output.float(), dim=0, keepdim=True))
         batch_center = batch_center / (len(teacher_output) * get_world_size())
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+# Collapse diagnostics (the quantities of the paper's Sec. 5.3 and Fig. 7). With q the teacher's distribution of an
+# image, the loss averages H(q, p) = H(q) + KL(q || p) over cross-view pairs, and every pair of a teacher crop has the
+# same H(q): so KL = loss - mean H(q), with no further product. Uniform collapse: every q near uniform, mean H(q) near
+# ln(K). One-dimension collapse: every q on the same dimension, so even the batch's mean distribution has an entropy
+# near 0. A healthy teacher is sharp per image (low mean H(q)) and spread over the batch (H(mean q) high).
+
+
+@torch.no_grad()
+def teacher_entropies(teacher_p: torch.Tensor) -> torch.Tensor:
+    """[mean per-image entropy, entropy of the batch-mean distribution] in nats, of (N, K) distributions."""
+    teacher_p = teacher_p.float()
+    return torch.stack((torch.special.entr(teacher_p).sum(-1).mean(), torch.special.entr(teacher_p.mean(0)).sum()))
+
+
+COLLAPSE_CURES = "lower --teacher_temp, lower --momentum_teacher, or a longer --freeze_last_layer"
+
+
+class CollapseCounter:
+    """Counts an epoch's steps at uniform collapse (the teacher's mean entropy within `near` * ln(out_dim) of
+    ln(out_dim)) and at one-dimension collapse (the entropy of its batch-mean distribution below near * ln(out_dim)),
+    and words a warning when every step of the epoch, over all processes, sat at one of them."""
+
+    def __init__(self, out_dim: int, near: float = 0.1):
+        self.ln_k, self.near = math.log(out_dim), near
+        self.steps = self.uniform = self.one_dimension = 0
+
+    def add(self, entropy: float, batch_entropy: float) -> None:
+        self.steps += 1
+        self.uniform += entropy > (1 - self.near) * self.ln_k
+        self.one_dimension += batch_entropy < self.near * self.ln_k
+
+    def warning(self, epoch: int) -> str:
+        """The warning line for this epoch, or ''. Every process must call it (one all-reduce of the counts)."""
+        steps, uniform, one_dimension = all_reduce_sum(
+            torch.tensor([self.steps, self.uniform, self.one_dimension], dtype=torch.float64)).tolist()
+        if steps and uniform == steps:
+            return (f"warning: uniform collapse in epoch {epoch}: the teacher's mean entropy stayed above "
+                    f"{1 - self.near:.0%} of ln(out_dim) = {self.ln_k:.2f} at every step (its outputs are near "
+                    f"uniform, the loss sits near ln(out_dim)); usual cures: {COLLAPSE_CURES}")
+        if steps and one_dimension == steps:
+            return (f"warning: one-dimension collapse in epoch {epoch}: the entropy of the teacher's batch-mean "
+                    f"distribution stayed below {self.near:.0%} of ln(out_dim) = {self.ln_k:.2f} at every step "
+                    f"(every image on the same few dimensions); usual cures: {COLLAPSE_CURES}")
+        return ""
 
 
 @torch.no_grad()

@@ -4,6 +4,10 @@
     python benchmarks/bench_train.py --arch vit_small vit_base --precision fp16 bf16 --variant lean original
     # only the step, with and without torch.compile
     python benchmarks/bench_train.py --stages step --compile false true
+    # the demo's step on a CPU: the original's (fp32) beside ours in fp32, bf16 and compiled bf16, and the speedups
+    python benchmarks/bench_train.py --stages step --arch vit_tiny --patch_size 7 --global_crops_size 28 \\
+        --local_crops_size 14 --local_crops_number 4 --out_dim 1024 --batch_size_per_gpu 32 \\
+        --precision fp32 bf16 --compile false true --variant original lean
     # the training DataLoader from a tar against the same JPEGs as files (run as root to read them from the disk)
     python benchmarks/bench_train.py --stages tar --augmentation gpu cpu --num_workers 8
     # the CPU smoke test (a minute): tiny model, tiny generated JPEGs
@@ -15,6 +19,8 @@ Every measurement prints one JSON line on stdout (everything else goes to stderr
 - step: main_dino.DINO.train_step on random crops already on the device (variant lean), or the original code's step
   written out for comparison (variant original: explicit attention, a log-softmax per crop pair, per-parameter Python
   loops for clipping and EMA with a host sync per parameter, non-fused AdamW, a host sync on the loss every step);
+- step_speedup: each lean step's images/s over the original's, measured in the same run, at the original's precision
+  for the device (fp16 on CUDA, fp32 on a CPU);
 - aug_worker: images/s of one DataLoader worker (one CPU thread) for the cpu pipeline (the original's PIL
   augmentation) and the gpu pipeline (decode and crop only);
 - aug_device: the device half of the gpu pipeline on one collated batch (copy to the device included);
@@ -121,11 +127,17 @@ def main(args):
             for batch_size in args.batch_size_per_gpu:
                 # ============ the training step on device tensors ... ============
                 if "step" in args.stages:
+                    steps = []
                     for precision in args.precision:
                         for compiled in args.compile:
                             for variant in args.variant:
+                                if variant == "original" and compiled:
+                                    continue  # the original has no torch.compile
                                 train_args = training_args(args, arch, batch_size, precision, compiled, device)
-                                emit(bench_step(train_args, args, variant), stage="step", variant=variant)
+                                steps.append({**bench_step(train_args, args, variant), "variant": variant})
+                                emit(steps[-1], stage="step")
+                    for record in speedups(steps, device):
+                        emit(record, stage="step_speedup")
                 # ============ the augmentation ... ============
                 if "aug" in args.stages:
                     train_args = training_args(args, arch, batch_size, "fp32", False, device, folder)
@@ -319,6 +331,19 @@ def bench_step(train_args, args, variant) -> dict:
     return record
 
 
+def speedups(steps: list, device) -> list:
+    """Each lean step's images/s over the original's at the precision the original trains in on this device (fp16
+    on CUDA, its --use_fp16 default; fp32 on a CPU, where its autocast is off), when both were measured."""
+    original_precision = "fp16" if device.type == "cuda" else "fp32"
+    base = next((r for r in steps if r["variant"] == "original" and r["precision"] == original_precision), None)
+    if base is None:
+        return []
+    return [{"arch": r["arch"], "batch_size": r["batch_size"], "crops": r["crops"], "precision": r["precision"],
+             "compile": r["compile"], "original_precision": original_precision,
+             "speedup": round(r["images_per_s"] / base["images_per_s"], 2)}
+            for r in steps if r["variant"] == "lean"]
+
+
 def bench_aug_worker(train_args, args, folder, pipeline) -> dict:
     """One worker's throughput: decode and augment images one by one on one CPU thread."""
     crop_args = (train_args.global_crops_scale, train_args.local_crops_scale, train_args.local_crops_number,
@@ -417,7 +442,8 @@ def bench_knn_e2e(arch, args, folder, device) -> dict:
     model = build_model(arch, patch_size=args.patch_size).to(device).eval().requires_grad_(False)
     dataset = utils.ImageFolderSkipBad(folder, transform=utils.eval_transform(256, 224))
     start = time.perf_counter()
-    utils.extract_features(model, dataset, args.knn_batch_size, args.num_workers, device, storage=device)
+    utils.extract_features(model, utils.feature_loader(dataset, args.knn_batch_size, args.num_workers, device), device,
+                           storage=device)
     synchronize(device)
     seconds = time.perf_counter() - start
     return {"arch": arch, "patch_size": args.patch_size, "batch_size": args.knn_batch_size, "precision": "fp32",

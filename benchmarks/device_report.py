@@ -45,7 +45,14 @@ def build_report(out_dir: str) -> list:
     lines += ["", "Training step on synthetic crops already on the device (step.jsonl):", ""]
     lines += table(["arch", "batch", "crops", "precision", "compile", "variant", "images/s", "peak GiB"],
                    [[r.get("arch"), r.get("batch_size"), r.get("crops"), r.get("precision"), r.get("compile"),
-                     r.get("variant"), r.get("images_per_s"), r.get("peak_mem_gib")] for r in steps])
+                     r.get("variant"), r.get("images_per_s"), r.get("peak_mem_gib")]
+                    for r in steps if r.get("stage") == "step"])
+    speedups = [r for r in steps if r.get("stage") == "step_speedup"]
+    if speedups:
+        lines += ["", "Our step over the original's, same run (at the original's precision on this device):", ""]
+        lines += table(["arch", "batch", "crops", "precision", "compile", "speedup"],
+                       [[r.get("arch"), r.get("batch_size"), r.get("crops"), r.get("precision"), r.get("compile"),
+                         r.get("speedup")] for r in speedups])
     lines += step_problems
 
     lines += ["", "Augmentation and end to end on generated JPEGs (data.jsonl):", ""]

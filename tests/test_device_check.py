@@ -46,9 +46,13 @@ def test_small_device_check_runs_every_step_on_the_cpu(tmp_path):
         junit = f.read()
     assert 'errors="0"' in junit and 'failures="0"' in junit and "<testcase" in junit
 
-    step_records = read_json_lines(out / "step.jsonl")
+    records = read_json_lines(out / "step.jsonl")
+    step_records = [r for r in records if r["stage"] == "step"]
     assert {(r["precision"], r["variant"]) for r in step_records} == {
         ("fp32", "lean"), ("fp32", "original"), ("bf16", "lean"), ("bf16", "original")}
+    # each of our steps over the original's fp32 step (its CPU precision), from the same run
+    speedups = {r["precision"]: r["speedup"] for r in records if r["stage"] == "step_speedup"}
+    assert set(speedups) == {"fp32", "bf16"} and all(v > 0 for v in speedups.values())
     data_records = read_json_lines(out / "data.jsonl")
     assert {r["stage"] for r in data_records} == {"aug_worker", "aug_device", "data", "e2e"}
     for record in step_records + data_records:

@@ -72,7 +72,7 @@ def run_steps(rank, world_size):
                 momentum = schedules.apply(dino.optimizer, it)
                 images = [c[rank * batch:(rank + 1) * batch] for c in global_batch(args, it)]
                 last_layer_before = last_layer.detach().clone()
-                loss = dino.train_step(images, epoch, momentum)
+                loss = dino.train_step(images, epoch, momentum)[0]
                 losses.append(loss.item())
                 frozen.append(torch.equal(last_layer, last_layer_before))
     finally:

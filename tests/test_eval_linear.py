@@ -300,4 +300,4 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --data_path {tmp_path / 'data'}: no val/ folder (it must hold train/ and val/ ImageFolders, "
-        f"one subfolder per class)"]
+        f"one subfolder per class, or train.tar and val.tar)"]

@@ -106,7 +106,7 @@ def run_lean(nets, args, steps, compile_backend=None):
     for i, (epoch, lr, wd, momentum) in enumerate(steps):
         set_schedules(optimizer, lr, wd)
         torch.manual_seed(100 + i)  # the same stochastic-depth draws in both runs
-        losses.append(dino.train_step(crops(args, seed=i), epoch, momentum).item())
+        losses.append(dino.train_step(crops(args, seed=i), epoch, momentum)[0].item())
     return losses
 
 
@@ -136,6 +136,42 @@ def test_lean_step_follows_the_plain_fp32_step():
     assert 0 < len(plain.clipped) < len(names)
     assert_same_weights(student, plain_student, STEPS)
     assert_same_weights(teacher, plain_teacher, STEPS)
+
+
+def test_bf16_step_on_cpu_follows_the_plain_fp32_step():
+    """The CPU fast path (bf16 autocast, where the attention takes the explicit product) keeps the mathematics:
+    its losses follow the plain fp32 step's to bf16's precision, step after step."""
+    args = tiny_args(use_bf16=True)
+    (student, teacher, teacher_without_ddp), (plain_student, plain_teacher) = build_pair(args)
+    bf16_losses = run_lean((student, teacher, teacher_without_ddp), args, STEPS)
+    plain = PlainDINO(plain_student, plain_teacher, args)
+    plain_losses = []
+    for i, (epoch, lr, wd, momentum) in enumerate(STEPS):
+        set_schedules(plain.optimizer, lr, wd)
+        torch.manual_seed(100 + i)
+        plain_losses.append(plain.step(crops(args, seed=i), epoch, momentum).item())
+    assert bf16_losses == pytest.approx(plain_losses, rel=2e-2)
+    assert bf16_losses != pytest.approx(plain_losses, rel=1e-6)  # it did run in bf16
+
+
+def test_attention_takes_the_explicit_product_on_cpu_in_bf16_and_computes_the_same():
+    from vision_transformer import Attention
+    torch.manual_seed(0)
+    attn = Attention(dim=64, num_heads=4)
+    x = torch.randn(3, 17, 64)
+    reference, _ = attn(x)  # fp32: the fused kernel
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real_sdpa(*a, **k)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, _ = attn(x)
+        assert not calls  # the explicit product, not the fused kernel (2-6x slower in bf16 on CPU)
+        attn(x)
+        assert calls  # fp32 keeps the fused kernel
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+    torch.testing.assert_close(fast.float(), reference, rtol=3e-2, atol=3e-2)
 
 
 def assert_same_weights(model, reference, steps):
@@ -261,7 +297,7 @@ def test_lean_step_never_waits_for_the_gpu(precision):
     images = [c.cuda() for c in crops(args)]
 
     def step():
-        return dino.train_step(images, 1, 0.996)
+        return dino.train_step(images, 1, 0.996)[0]
 
     step()  # first-call allocations and lazy initialisation
     torch.cuda.synchronize()

@@ -70,7 +70,7 @@ BAD_VALUES = [
     ("main_dino", "--lr 0", "--lr 0.0: must be > 0"),
     ("main_dino", "--lr inf", "--lr inf: must be a finite number > 0"),
     ("main_dino", "--lr nan", "--lr nan: must be a finite number > 0"),
-    ("main_dino", "--warmup_epochs -1", "--warmup_epochs -1: must be >= 0"),
+    ("main_dino", "--warmup_epochs -1", "--warmup_epochs -1.0: must be >= 0"),
     ("main_dino", "--min_lr=-1e-6", "--min_lr -1e-06: must be >= 0"),
     ("main_dino", "--drop_path_rate 1.5", "--drop_path_rate 1.5: must be in [0, 1)"),
     ("main_dino", "--drop_path_rate 1", "--drop_path_rate 1.0: must be in [0, 1)"),

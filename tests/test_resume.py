@@ -289,5 +289,6 @@ def test_knn_monitoring_of_a_compiled_teacher_compiles_nothing(tmp_path):
         teacher([torch.randn(4, 3, 32, 32)] * 2)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
-    main_dino.knn_monitor(teacher.backbone, main_dino.build_knn_datasets(args), args, utils.Distributed())
+    main_dino.knn_monitor(teacher.backbone, main_dino.build_knn_loaders(args, utils.Distributed()), args,
+                          utils.Distributed())
     assert counters["stats"]["unique_graphs"] == compiled

@@ -4,7 +4,9 @@
     python tools/plot_logs.py runA/log.txt runB/log.txt --labels A B --output compare.png
 
 Each log.txt holds one JSON object per epoch. Every numeric key present in any run
-(train_loss, train_lr, knn_top1, ...) gets its own panel, plotted against `epoch`.
+(train_loss, train_lr, knn_top1, ...) gets its own panel, plotted against `epoch`. The collapse diagnostics
+(train_teacher_entropy, train_teacher_batch_entropy, train_kl) and the loss are drawn with ln(out_dim), their
+value at uniform collapse, as a dashed line.
 """
 import argparse
 import json
@@ -17,8 +19,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
-PREFERRED_ORDER = ["train_loss", "train_lr", "train_wd", "knn_top1", "knn_top5", "test_acc1", "test_acc5"]
-SKIPPED = {"epoch", "time", "images_per_s", "skipped_images", "n_parameters"}
+PREFERRED_ORDER = ["train_loss", "train_lr", "train_wd", "knn_top1", "knn_top5", "knn_student_top1",
+                   "knn_student_top5", "train_teacher_entropy", "train_teacher_batch_entropy", "train_kl",
+                   "test_acc1", "test_acc5"]
+SKIPPED = {"epoch", "time", "images_per_s", "skipped_images", "n_parameters", "ln_out_dim", "knn_top1_init",
+           "knn_top5_init"}
+# k-NN panels and their random-weights baseline (main_dino's knn_*_init), drawn dotted
+BASELINES = {"knn_top1": "knn_top1_init", "knn_student_top1": "knn_top1_init", "knn_top5": "knn_top5_init",
+             "knn_student_top5": "knn_top5_init"}
+WITH_LN_OUT_DIM = {"train_loss", "train_teacher_entropy", "train_teacher_batch_entropy", "train_kl"}
 
 
 def get_args_parser():
@@ -69,8 +78,16 @@ def main(args):
         for records, label in zip(runs, labels):
             points = [(r.get("epoch", i), r[key]) for i, r in enumerate(records) if key in r]
             if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
-        ax.set_title(key)
+                line, = ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+                ln_k = next((r["ln_out_dim"] for r in records if "ln_out_dim" in r), None)
+                if key in WITH_LN_OUT_DIM and ln_k is not None:
+                    ax.axhline(ln_k, color=line.get_color(), linestyle="--", linewidth=1)
+                init = next((r[BASELINES[key]] for r in records if BASELINES.get(key) in r), None)
+                if init is not None:
+                    ax.axhline(init, color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_title(key + (" (dashed: ln(out_dim))" if key in WITH_LN_OUT_DIM and any(
+            "ln_out_dim" in r for records in runs for r in records) else "") + (" (dotted: random weights)" if any(
+            BASELINES.get(key) in r for records in runs for r in records) else ""), fontsize=9)
         ax.set_xlabel("epoch")
         if key.endswith("_lr"):
             ax.set_yscale("log")
