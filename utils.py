@@ -1850,7 +1850,8 @@ class DINOLoss(nn.Module):
         # one log-softmax per student crop, reused for both teacher crops
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)  # (ncrops * B, K)
         temp = self.teacher_temp_schedule[epoch]
-        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        teacher_q = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()  # (2 * B, K)
+        teacher_p = teacher_q.chunk(2)
 
         # Each teacher crop is compared with every student crop except the same view: 2 * (ncrops - 1) terms
         # mean_b sum_k -q * logp. Grouped by teacher crop, the local crops enter both groups only through the sum
@@ -1863,7 +1864,7 @@ class DINOLoss(nn.Module):
         n_loss_terms = 2 * (self.ncrops - 1)
         self.update_center(teacher_output)
         loss = total_loss / n_loss_terms
-        return (loss, teacher_entropies(torch.cat(teacher_p))) if with_entropies else loss
+        return (loss, teacher_entropies(teacher_q)) if with_entropies else loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

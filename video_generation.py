@@ -263,10 +263,7 @@ def attention_images(model, frames: list, attention_dir: str, device: torch.devi
         maps = (attentions * masks).mean(dim=1, keepdim=True)  # (B, 1, h, w): mean over heads of the kept mass
         maps = utils.upsample_patches(maps, args.patch_size)[:, 0].cpu().numpy()  # (B, H, W)
         model_time += time.time() - t
-        for attention in maps:
-            rgb = colorize(attention, cmap)
-            stem = os.path.splitext(os.path.basename(frames[done]))[0]
-            Image.fromarray(rgb).save(os.path.join(attention_dir, f"attn-{stem}.jpg"))
+        for rgb in saved_frames((colorize(attention, cmap) for attention in maps), frames, done, attention_dir, "attn"):
             done += 1
             yield rgb
         if b % 10 == 0 or done == len(frames):
@@ -291,14 +288,22 @@ def pca_images(model, frames: list, pca_dir: str, device: torch.device, args):
         B, h, w, dim = features.shape
         rgb = pca.rgb(features.reshape(-1, dim).cpu()).reshape(B, h, w, 3).permute(0, 3, 1, 2)  # (B, 3, h, w)
         rgb = utils.upsample_patches(rgb, args.patch_size)  # (B, 3, H, W)
-        for image in (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-            stem = os.path.splitext(os.path.basename(frames[done]))[0]
-            Image.fromarray(image).save(os.path.join(pca_dir, f"pca-{stem}.jpg"))
+        images = (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for image in saved_frames(images, frames, done, pca_dir, "pca"):
             done += 1
             yield image
         if b % 10 == 0 or done == len(frames):
             print(f"PCA: {done}/{len(frames)} frames")
     print(f"PCA images of {done} frames in {pca_dir}: {time.time() - start:.1f} s, on {device}")
+
+
+def saved_frames(images, frames: list, first: int, folder: str, prefix: str):
+    """Yield each (H, W, 3) uint8 image after saving it as folder/<prefix>-<stem>.jpg, the stem that of its frame,
+    frames[first], frames[first + 1], ..."""
+    for i, image in enumerate(images, first):
+        stem = os.path.splitext(os.path.basename(frames[i]))[0]
+        Image.fromarray(image).save(os.path.join(folder, f"{prefix}-{stem}.jpg"))
+        yield image
 
 
 def fit_video_pca(model, frames: list, device: torch.device, args) -> utils.PatchPCA:

@@ -79,7 +79,7 @@ class LayerScale(nn.Module):
 
 
 def _explicit_attention_pays(q: torch.Tensor) -> bool:
-    """On a CPU in bf16/fp16 (autocast), torch's fused attention kernel, its backward above all, runs 2 to 6 times
+    """On a CPU in bf16/fp16 (autocast), torch's fused attention kernel, its backward above all, runs 2 to 5 times
     slower than the explicit product at short sequences (17 and 5 tokens: vit_tiny/7 at 28 and 14 px)."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
