@@ -2005,8 +2005,8 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(name: str, params_groups: list, fused: bool = False) -> torch.optim.Optimizer:
     """adamw, sgd (momentum 0.9) or lars; lr and weight decay are set every iteration by the schedules.
 
-    fused: AdamW's single-kernel implementation (same update), which also takes GradScaler's inf check on the
-    device instead of a host sync every step.
+    fused: AdamW's single-kernel implementation (same update; CUDA and CPU), which on CUDA also takes GradScaler's
+    inf check on the device instead of a host sync every step.
     """
     if name == "adamw":
         return torch.optim.AdamW(params_groups, fused=True) if fused else torch.optim.AdamW(params_groups, foreach=True)

@@ -42,6 +42,26 @@ def test_flags_and_defaults_are_the_originals():
         assert getattr(args, name) == default, name
 
 
+def test_teacher_momentum_schedule_ends_at_one_or_at_momentum_teacher_end():
+    """The original's cosine from --momentum_teacher to 1 by default; --momentum_teacher_end moves its end."""
+    import math
+
+    import main_dino
+    parser = main_dino.get_args_parser()
+    niter, epochs = 5, 3
+    n = niter * epochs
+    for flags, end in (([], 1.0), (["--momentum_teacher_end", "0.96"], 0.96),
+                       (["--momentum_teacher_end", "0.99"], 0.99)):
+        args = parser.parse_args(["--momentum_teacher", "0.96", "--epochs", str(epochs), "--warmup_epochs", "1",
+                                  *flags])
+        momentum = main_dino.Schedules.build(args, 1, niter).momentum
+        expected = [end + 0.5 * (0.96 - end) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+        assert momentum == pytest.approx(expected, abs=1e-12)  # no warmup: the lr's 1 epoch is not the momentum's
+    args = parser.parse_args(["--momentum_teacher_end", "1.5"])
+    with pytest.raises(main_dino.utils.InputError, match="--momentum_teacher_end 1.5: must be"):
+        main_dino.check_args(args)
+
+
 def test_help_is_fast_and_offline(monkeypatch):
     """Building, formatting and parsing the flags open no connection (the autouse no_network fixture) and call no
     torch.hub function: what a time limit on `--help` stood for, without a wall clock that a busy machine breaks."""
