@@ -56,6 +56,8 @@ BAD_VALUES = [
     ("main_dino", "--out_dim 0", "--out_dim 0: must be >= 1"),
     ("main_dino", "--momentum_teacher -0.1", "--momentum_teacher -0.1: must be in [0, 1]"),
     ("main_dino", "--momentum_teacher 1.5", "--momentum_teacher 1.5: must be in [0, 1]"),
+    ("main_dino", "--momentum_teacher_end -0.1", "--momentum_teacher_end -0.1: must be in [0, 1]"),
+    ("main_dino", "--momentum_teacher_end 1.5", "--momentum_teacher_end 1.5: must be in [0, 1]"),
     ("main_dino", "--warmup_teacher_temp 0", "--warmup_teacher_temp 0.0: must be > 0"),
     ("main_dino", "--teacher_temp 0", "--teacher_temp 0.0: must be > 0"),
     ("main_dino", "--teacher_temp -0.04", "--teacher_temp -0.04: must be > 0"),
@@ -184,6 +186,7 @@ def test_defaults_pass(name, tmp_path, image_folder):
 @pytest.mark.parametrize("name,flags", [
     ("main_dino", "--momentum_teacher 1.0"),
     ("main_dino", "--momentum_teacher 0"),
+    ("main_dino", "--momentum_teacher_end 0.98"),
     ("main_dino", "--clip_grad 0"),
     ("main_dino", "--drop_path_rate 0"),
     ("main_dino", "--drop_path_rate 0.999"),
