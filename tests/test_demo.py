@@ -16,7 +16,8 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 @pytest.mark.skipif(not os.path.isfile(FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist package")
 def test_demo_runs_end_to_end_on_a_tiny_split(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_DIR": str(tmp_path / "data"), "DEMO_DIR": str(tmp_path / "demo"),
-           "TRAIN_PER_CLASS": "4", "VAL_PER_CLASS": "2", "EPOCHS": "1", "BATCH": "8", "SEED": "1", "KNN_STUDENT": "true"}
+           "TRAIN_PER_CLASS": "4", "VAL_PER_CLASS": "2", "EPOCHS": "1", "BATCH": "8", "SEED": "1",
+           "KNN_STUDENT": "true"}
     proc = subprocess.run(["bash", os.path.join(REPO, "tools", "demo.sh")], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
