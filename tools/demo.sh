@@ -7,11 +7,12 @@
 #     TRAIN_PER_CLASS=4 VAL_PER_CLASS=2 EPOCHS=1 BATCH=8 bash tools/demo.sh   # the pieces, in seconds
 #     KNN_STUDENT=true bash tools/demo.sh                  # the student's k-NN beside the teacher's
 #
-# Flags (every default of main_dino.py stays the original's; the demo chooses its own): no local crops and wide
-# global crops (0.14-1), out_dim 256 with batch norm in the head, teacher temperature 0.02, teacher momentum 0.96
-# (an EMA over ~25 steps: at 0.99 the teacher lags the student in so short a run), no frozen last layer, no
-# stochastic depth; bf16 where the CPU has bf16 matrix units, and the per-pixel augmentation batched in the training
-# process with one decoding worker, so that workers do not take the training threads' cores.
+# Flags (every default of main_dino.py stays the original's; the demo chooses its own): no local crops, global crops
+# over 0.3-1 of the image, out_dim 256 with batch norm in the head, teacher temperature 0.02, teacher momentum 0.96
+# ending at 0.98 (an EMA over ~25-50 steps: at 0.99 the teacher lags the student in so short a run), a learning rate
+# ending at half its peak, no frozen last layer, no stochastic depth; bf16 where the CPU has bf16 matrix units, and
+# the per-pixel augmentation batched in the training process with one decoding worker, so that workers do not take
+# the training threads' cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -11,8 +11,8 @@
 # a learning rate ending at half its peak, bf16 where the CPU has bf16 matrix units and the per-pixel augmentation
 # batched in the training process (one decoding worker). Four epochs (7,500 steps) took 54 minutes here. The k-NN
 # monitoring after every epoch scores the teacher and the student on the demo's small split (bank 2,000, queries
-# 1,000) to draw the curves. The linear probe (whole images and flips, 4 last [CLS]) costs 2.5-3 minutes an epoch
-# here. Measured: README, "The CPU recipe (full split)".
+# 1,000) to draw the curves. The linear probe (whole images and flips, 4 last [CLS]) costs 3.5-4.5 minutes an epoch
+# here, its validation included. Measured: README, "The CPU recipe (full split)".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
