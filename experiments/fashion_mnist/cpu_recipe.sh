@@ -13,7 +13,7 @@
 # rate ending at half its peak, bf16 where the CPU has bf16 matrix units and the per-pixel augmentation batched in
 # the training process (one decoding worker). Four epochs took 50 minutes here and scored 82.90% 20-NN. The k-NN
 # monitoring after every epoch scores the teacher and the student on the demo's small split (bank 2,000, queries
-# 1,000) to draw the curves. The linear probe (whole images and flips, 4 last [CLS]) costs 3-4.5 minutes an epoch
+# 1,000) to draw the curves. The linear probe (whole images and flips, 4 last [CLS]) costs 3.4-4.5 minutes an epoch
 # here, its validation included. Measured: README, "The CPU recipe (full split)".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
