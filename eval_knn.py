@@ -18,6 +18,8 @@ import torch
 
 import utils
 
+PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
 
 
@@ -32,7 +34,7 @@ def get_args_parser():
     parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
                         help="""Should we store the features on GPU? We recommend setting this to False if you
         encounter OOM. Without a GPU the features stay on the CPU.""")
-    utils.add_model_args(parser)
+    utils.add_model_args(parser, patch_size=PATCH_SIZE)
     parser.add_argument("--dump_features", default=None, type=str,
                         help="Path where to save computed features, empty for no saving")
     parser.add_argument("--load_features", default=None, type=str, help="""If the features have already been
@@ -52,12 +54,14 @@ FLAG_DOMAINS = {
 
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
+    args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
     if not args.load_features:  # cached features need no backbone
         utils.check_patch_fits(args, "crop_size")
 
 
 def main(args):
+    args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
     check_args(args)  # before the rendezvous, so that a typo does not wait for every process
     dist_env = utils.init_distributed_mode(args)
     utils.print_main(utils.git_description())

@@ -25,6 +25,8 @@ from torchvision import transforms
 import utils
 from vision_transformer import VisionTransformer
 
+PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Evaluation with linear classification on ImageNet", add_help=False)
@@ -33,7 +35,7 @@ def get_args_parser():
     parser.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag,
                         help="""Whether ot not to concatenate the global average pooled features to the [CLS] token.
         We typically set this to False for ViT-Small and to True with ViT-Base.""")
-    utils.add_model_args(parser)
+    utils.add_model_args(parser, patch_size=PATCH_SIZE)
     utils.add_weights_args(parser)
     parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     parser.add_argument("--lr", default=0.001, type=float, help="""Learning rate at the beginning of
@@ -73,6 +75,7 @@ FLAG_DOMAINS = {
 
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
+    args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
     low, high = args.train_crop_scale
     if not low <= high:
@@ -83,6 +86,7 @@ def check_args(args) -> None:
 
 
 def main(args):
+    args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
     check_args(args)  # before the rendezvous, so that a typo does not wait for every process
     dist_env = utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)

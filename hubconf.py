@@ -11,6 +11,7 @@ Importing this file touches no network: only pretrained=True downloads, once, in
 torch.hub.get_dir()/checkpoints (under $TORCH_HOME), and weights always load strictly.
 The XCiT models are built by the facebookresearch/xcit hub repository, fetched on first use.
 """
+import importlib
 import importlib.util
 import os
 import sys
@@ -35,8 +36,26 @@ def _own_module(name: str):
     return module
 
 
-utils = _own_module("utils")
+def _own_checkpoints(vision_transformer):
+    """This checkout's dinolib.checkpoints, built on this checkout's vision_transformer even when the caller imported
+    a module of that name before (a copy of the original's vision_transformer.py, say): that module is set aside
+    while dinolib imports, then put back."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    callers = sys.modules.get("vision_transformer")
+    sys.modules["vision_transformer"] = vision_transformer
+    sys.path.insert(0, repo)
+    try:
+        return importlib.import_module("dinolib.checkpoints")
+    finally:
+        sys.path.remove(repo)
+        if callers is None:
+            del sys.modules["vision_transformer"]
+        else:
+            sys.modules["vision_transformer"] = callers
+
+
 vision_transformer = _own_module("vision_transformer")
+checkpoints = _own_checkpoints(vision_transformer)
 
 
 def _load_published(model: torch.nn.Module, url: str, entrypoint: str) -> torch.nn.Module:
@@ -47,14 +66,14 @@ def _load_published(model: torch.nn.Module, url: str, entrypoint: str) -> torch.
     except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
         raise RuntimeError(f"{entrypoint}: could not download {url} ({e}); without network, place that file at "
                            f"{cached}, or call {entrypoint}(pretrained=False) and load weights yourself") from None
-    utils.load_state_dict_strict(model, state_dict, cached)
+    checkpoints.load_state_dict_strict(model, state_dict, cached)
     return model
 
 
 def _vit(entrypoint: str, arch: str, patch_size: int, pretrained: bool, kwargs: dict) -> torch.nn.Module:
     model = vision_transformer.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
     if pretrained:
-        _load_published(model, utils.published_weights_url(arch, patch_size), entrypoint)
+        _load_published(model, checkpoints.published_weights_url(arch, patch_size), entrypoint)
     return model
 
 
@@ -62,7 +81,7 @@ def _dinov2(entrypoint: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
     """DINOv2's backbone of that name (vision_transformer.DINOV2_ARCHS), with its published weights if pretrained."""
     model = vision_transformer.DINOV2_ARCHS[entrypoint](**kwargs)
     if pretrained:
-        _load_published(model, utils.published_weights_url(entrypoint, None), entrypoint)
+        _load_published(model, checkpoints.published_weights_url(entrypoint, None), entrypoint)
     return model
 
 
@@ -74,7 +93,7 @@ def _xcit(entrypoint: str, name: str, pretrained: bool, kwargs: dict) -> torch.n
                            f"could not be loaded ({e}); it needs the network once (then it is cached in "
                            f"{torch.hub.get_dir()}) and the timm package") from None
     if pretrained:
-        _load_published(model, utils.published_weights_url(name, None), entrypoint)
+        _load_published(model, checkpoints.published_weights_url(name, None), entrypoint)
     return model
 
 
@@ -104,7 +123,7 @@ def dino_resnet50(pretrained=True, **kwargs):
     model.fc = torch.nn.Identity()  # the published weights have no classifier
     model.embed_dim = 2048
     if pretrained:
-        _load_published(model, utils.published_weights_url("resnet50", None), "dino_resnet50")
+        _load_published(model, checkpoints.published_weights_url("resnet50", None), "dino_resnet50")
     return model
 
 

@@ -17,18 +17,410 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import utils
 from vision_transformer import DINOHead, build_model
 
+PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+
+
+class DINO:
+    """What one iteration of the paper's Algorithm 1 updates: the student (by its optimizer), the teacher (by EMA)
+    and the loss's center, with the precision they run in (autocast and the fp16 GradScaler)."""
+
+    def __init__(self, student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast: dict, fp16_scaler,
+                 clip_grad: float, freeze_last_layer: int):
+        self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
+        self.dino_loss, self.optimizer = dino_loss, optimizer
+        self.autocast, self.fp16_scaler = autocast, fp16_scaler
+        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+
+    @classmethod
+    def build(cls, args, dist_env: utils.Distributed) -> "DINO":
+        """main_dino's networks, loss, optimizer and precision for these flags, on dist_env.device."""
+        student, teacher, teacher_without_ddp = build_networks(args, dist_env)
+        dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
+        # fused AdamW: one kernel for all parameters (on CUDA, GradScaler then skips inf steps without a host
+        # sync; on CPU the foreach update runs one small op per tensor, 15% of vit_tiny/7's step at 28 pixels)
+        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
+                                          fused=dist_env.device.type in ("cuda", "cpu"))
+        autocast, fp16_scaler = build_precision(args, dist_env.device)
+        return cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
+                   fp16_scaler, args.clip_grad, args.freeze_last_layer)
+
+    def train_step(self, images: list, epoch: int, momentum: float, teacher_temp: float) -> dict:
+        """One iteration of the paper's Algorithm 1 on crops already on the device. Returns the loss and the
+        collapse diagnostics (utils.teacher_diagnostics) by name, left on the device (no host sync)."""
+        with torch.autocast(**self.autocast):
+            with torch.no_grad():
+                teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
+                teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)  # centre, sharpen
+            student_output = self.student(images)
+            loss = self.dino_loss.cross_entropy(student_output, teacher_probs)
+            self.dino_loss.update_center(teacher_output)
+
+        # student update
+        self.optimizer.zero_grad(set_to_none=True)
+        self.fp16_scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.fp16_scaler.unscale_(self.optimizer)  # unscale the gradients in place before clipping them
+            utils.clip_gradients(self.student, self.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, self.student, self.freeze_last_layer)
+        self.fp16_scaler.step(self.optimizer)
+        self.fp16_scaler.update()
+
+        # EMA update for the teacher
+        utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
+        return {"loss": loss.detach(), **utils.teacher_diagnostics(teacher_probs, loss)}
+
+    def state_dict(self) -> dict:
+        """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict()}
+        if self.fp16_scaler.is_enabled():
+            state["fp16_scaler"] = self.fp16_scaler.state_dict()
+        return state
+
+    def resume(self, ckp_path: str) -> dict:
+        """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
+
+        Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
+        precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
+        """
+        scaler_on = self.fp16_scaler.is_enabled()
+        checkpoint = utils.restart_from_checkpoint(
+            ckp_path, optional=("fp16_scaler",), student=self.student, teacher=self.teacher,
+            optimizer=self.optimizer, params_of=("student", self.student),
+            fp16_scaler=self.fp16_scaler if scaler_on else None, dino_loss=self.dino_loss)
+        if not checkpoint:
+            return checkpoint
+        device = self.dino_loss.center.device
+        precision = "bf16" if self.autocast["dtype"] == torch.bfloat16 and self.autocast["enabled"] else \
+            "fp16" if scaler_on else "fp32"
+        if "fp16_scaler" in checkpoint and not scaler_on:
+            utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
+                             f"{device.type}, without it")
+        elif "fp16_scaler" not in checkpoint and scaler_on:
+            utils.print_main(f"{ckp_path} was trained without fp16 loss scaling (CPU, bf16 or fp32); this run uses "
+                             f"it, from the initial loss scale")
+        saved_args = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) \
+            else checkpoint.get("args") or {}
+        saved_device = str(saved_args.get("device", "cuda"))  # the original trained on GPUs only
+        if saved_device.split(":")[0] != device.type:
+            utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {device}")
+        return checkpoint
+
+
+def build_networks(args, dist_env: utils.Distributed):
+    """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
+    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher = build_model(args.arch, patch_size=args.patch_size)
+    embed_dim = student.embed_dim
+    student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                                                       norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(dist_env.device), teacher.to(dist_env.device)
+
+    if utils.has_batchnorms(student):
+        if dist_env.world_size > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = utils.wrap_ddp(teacher, dist_env)  # the teacher's batch norms need synchronising too
+        teacher_without_ddp = teacher.module
+    else:
+        teacher_without_ddp = teacher
+    student = utils.wrap_ddp(student, dist_env)  # DDP, or a stand-in with the same `module.` keys
+    teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
+    for p in teacher.parameters():
+        p.requires_grad = False
+    if args.compile:
+        for model in (student.module, teacher_without_ddp):
+            model.compile_parts()
+    utils.print_main(f"Student and Teacher are built: they are both {args.arch} network.")
+    return student, teacher, teacher_without_ddp
+
+
+def build_precision(args, device: torch.device):
+    """torch.autocast's arguments and the GradScaler: bf16 (no scaling), fp16 with scaling (CUDA only) or fp32."""
+    on_cuda = device.type == "cuda"
+    use_bf16 = args.use_bf16
+    if use_bf16 == "auto":
+        units = ("bfloat16 support" if torch.cuda.is_bf16_supported() else "") if on_cuda else utils.cpu_bf16_units()
+        use_bf16 = bool(units)
+        utils.print_main(f"--use_bf16 auto: {device.type} " + (f"has {units}: training in bf16" if use_bf16 else
+                         "has no bfloat16 matrix units: bf16 would be slower, --use_bf16 false"))
+    if use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
+    if use_bf16 and not on_cuda and not utils.cpu_bf16_units():
+        utils.print_main("--use_bf16 true: this CPU has no bfloat16 matrix units (AMX, AVX512-BF16): bf16 is emulated "
+                         "and may train slower than fp32")
+    if args.use_fp16 and not use_bf16 and not on_cuda:
+        utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16,
+                    enabled=use_bf16 or (args.use_fp16 and on_cuda))
+    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not use_bf16 and on_cuda)
+    return autocast, fp16_scaler
+
+
+class Schedules:
+    """Per-iteration values of the paper's schedules: learning rate (linear warmup, then cosine; scaled by the
+    total batch / 256), weight decay (cosine), teacher momentum (cosine to 1, or --momentum_teacher_end) and
+    teacher temperature (linear warmup over --warmup_teacher_temp_epochs, then constant; one value per epoch)."""
+
+    def __init__(self, lr, weight_decay, momentum, teacher_temp):
+        self.lr, self.weight_decay, self.momentum, self.teacher_temp = lr, weight_decay, momentum, teacher_temp
+
+    @classmethod
+    def build(cls, args, world_size: int, niter_per_epoch: int) -> "Schedules":
+        lr = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * world_size) / 256., args.min_lr,
+                                    args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs)
+        weight_decay = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch)
+        # momentum parameter is increased to 1. (--momentum_teacher_end) during training with a cosine schedule
+        momentum = utils.cosine_scheduler(args.momentum_teacher, args.momentum_teacher_end, args.epochs,
+                                          niter_per_epoch)
+        teacher_temp = np.repeat(utils.teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                                             args.warmup_teacher_temp_epochs, args.epochs),
+                                 niter_per_epoch)
+        return cls(lr, weight_decay, momentum, teacher_temp)
+
+    def apply(self, optimizer, it: int) -> tuple:
+        """Set iteration it's learning rate and weight decay (first group only: the others are not regularized)
+        in the optimizer; return its (teacher momentum, teacher temperature). Python floats: the checkpoint stays
+        weights_only-loadable."""
+        for j, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = float(self.lr[it])
+            if j == 0:
+                param_group["weight_decay"] = float(self.weight_decay[it])
+        return float(self.momentum[it]), float(self.teacher_temp[it])
+
+
+def train_one_epoch(dino: DINO, data_loader, crops_of, schedules: Schedules, epoch: int, args) -> dict:
+    """One epoch of DINO steps; returns the epoch's average of every value train_step names (the loss and the
+    collapse diagnostics, see utils.teacher_diagnostics), then lr and weight decay, over all processes."""
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    pending = []  # step values stay on the device until the next log line: no host sync per step
+    collapse = utils.CollapseCounter(args.out_dim)
+    last = len(data_loader) - 1
+    for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
+        it = len(data_loader) * epoch + i  # global training iteration
+        momentum, teacher_temp = schedules.apply(dino.optimizer, it)
+        pending.append(dino.train_step(crops_of(images), epoch, momentum, teacher_temp))
+
+        if i % args.log_freq == 0 or i == last:
+            names = list(pending[0])
+            values = torch.stack([torch.stack([step[k].double() for k in names]) for step in pending])
+            check_losses_finite(values[:, names.index("loss")], args)
+            for row in values.tolist():  # one host sync for the steps since the last log line
+                step = dict(zip(names, row))
+                metric_logger.update(**step)
+                collapse.add(step["teacher_entropy"], step["teacher_batch_entropy"])
+            pending.clear()
+            metric_logger.update(lr=dino.optimizer.param_groups[0]["lr"],
+                                 wd=dino.optimizer.param_groups[0]["weight_decay"])
+    metric_logger.synchronize_between_processes()
+    utils.print_main("Averaged stats:", metric_logger)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    warning = collapse.warning(epoch)
+    if warning:
+        utils.print_main(warning)
+        stats["warning"] = warning
+    return stats
+
+
+def check_losses_finite(losses: torch.Tensor, args) -> None:
+    """Stop every process if any recent loss is not finite; no checkpoint is written for this epoch."""
+    bad = utils.all_reduce_sum((~torch.isfinite(losses)).sum().reshape(1).float())
+    if bad.item() > 0:
+        values = losses.tolist()
+        utils.print_main(f"Loss is {values[-1]} (non-finite in {int(bad.item())} recent steps), stopping training; "
+                         f"the last checkpoint in {args.output_dir} is left as it was")
+        sys.exit(1)
+
+
+def main(args):
+    args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
+    check_args(args)  # before the rendezvous: a typo must not wait for every process of the job to connect
+    dist_env = utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)
+    # batching the per-pixel augmentation steps pays where a GPU runs them
+    augmentation = args.augmentation if args.augmentation != "auto" else \
+        "gpu" if dist_env.device.type == "cuda" else "cpu"
+    utils.print_main(utils.git_description())
+    utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    utils.print_main(f"augmentation on: {augmentation}")
+    torch.backends.cudnn.benchmark = True
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ============ preparing data ... ============
+    data_loader = build_data_loader(args, dist_env, augmentation)
+    crops_of = crops_to_device(augmentation, dist_env.device)
+    knn_loaders = build_knn_loaders(args, dist_env)
+
+    # ============ building student and teacher networks, loss, optimizer and precision ... ============
+    dino = DINO.build(args, dist_env)
+
+    # ============ init schedulers ... ============
+    schedules = Schedules.build(args, dist_env.world_size, len(data_loader))
+    utils.print_main("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    checkpoint = dino.resume(os.path.join(args.output_dir, "checkpoint.pth"))
+    start_epoch = checkpoint.get("epoch", 0)
+    append_missing_log_line(checkpoint, knn_loaders, dino, args, dist_env)
+
+    start_time = time.time()
+    knn_init = {}
+    if knn_loaders and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
+        knn_init = {f"{k}_init": v for k, v in
+                    knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env).items()}
+    utils.print_main("Starting DINO training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+
+        # ============ training one epoch of DINO ... ============
+        epoch_start = time.time()
+        train_stats = train_one_epoch(dino, data_loader, crops_of, schedules, epoch, args)
+        epoch_time = time.time() - epoch_start
+
+        # ============ writing logs ... ============
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "ln_out_dim": math.log(args.out_dim),
+                     "epoch": epoch,
+                     "time": round(epoch_time, 2),
+                     "images_per_s": round(len(data_loader) * args.batch_size_per_gpu * dist_env.world_size /
+                                           epoch_time, 1),
+                     "skipped_images": data_loader.dataset.num_skipped(), **knn_init}
+        knn_init = {}
+        save_dict = {
+            **dino.state_dict(),
+            "epoch": epoch + 1,
+            "args": checkpoint_args(args, dist_env),
+            "log": log_stats,  # the epoch's log line so far: a run stopped before it reaches log.txt writes it
+        }
+        utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        if knn_due(epoch, knn_loaders, args):
+            log_stats.update(knn_monitoring(dino, knn_loaders, args, dist_env))
+        utils.append_log(args.output_dir, log_stats)
+
+    total_time = time.time() - start_time
+    utils.print_main(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    utils.print_main(f"Checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}  "
+                     f"log: {os.path.join(args.output_dir, 'log.txt')}")
+    utils.shutdown_distributed()
+
+
+def build_data_loader(args, dist_env: utils.Distributed, augmentation: str):
+    """Workers yield crops ready for the network (augmentation cpu) or uint8 crops and their random parameters,
+    which utils.MultiCropOnDevice turns into the same crops on the device (augmentation gpu)."""
+    crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+                 args.local_crops_size)
+    if augmentation == "gpu":
+        transform = utils.MultiCropGeometry(*crop_args)
+    else:
+        transform = utils.DataAugmentationDINO(*crop_args)
+    dataset = utils.image_dataset(args.data_path, transform=transform)  # an ImageFolder, or a tar with its entries
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
+                                                  shuffle=True, seed=args.seed)
+    data_loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        pin_memory=dist_env.device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+    if len(data_loader) == 0:
+        raise utils.InputError(f"--data_path {args.data_path} has {len(dataset)} images, fewer than one batch "
+                               f"(--batch_size_per_gpu {args.batch_size_per_gpu} x {dist_env.world_size} processes)")
+    utils.print_main(f"Data loaded: there are {len(dataset)} images.")
+    return data_loader
+
+
+def crops_to_device(augmentation: str, device: torch.device):
+    """What turns a batch of the loader into the list of crops on the device."""
+    if augmentation == "gpu":  # (uint8 crops, their random parameters) from the workers
+        augment = utils.MultiCropOnDevice(device)
+        return lambda images: augment(*images)
+    return lambda images: [im.to(device, non_blocking=True) for im in images]
+
+
+def build_knn_loaders(args, dist_env: utils.Distributed):
+    """(train, val) feature loaders of --knn_data_path for the k-NN monitoring, or None when it is off. Their
+    workers persist between epochs: starting them again each time would cost more than a small split's pass."""
+    if not args.knn_data_path:
+        return None
+    transform = utils.eval_transform(args.resize_size, args.crop_size)
+    return tuple(utils.feature_loader(dataset, args.knn_batch_size, args.num_workers, dist_env.device, persistent=True)
+                 for dataset in utils.build_eval_datasets(args.knn_data_path, transform, transform))
+
+
+def knn_due(epoch: int, knn_loaders, args) -> bool:
+    """Whether the k-NN monitoring runs after this epoch: every --knn_freq epochs and after the last."""
+    return bool(knn_loaders) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
+
+
+def knn_monitor(backbone, knn_loaders, args, dist_env: utils.Distributed, who: str = "teacher") -> dict:
+    """Weighted k-NN top-1/top-5 (percent) of the backbone's features on --knn_data_path, as eval_knn.py computes."""
+    train, val = knn_loaders
+    was_training = backbone.training
+    backbone.eval()
+    device = dist_env.device
+    bank, bank_labels = utils.extract_features(backbone, train, device, device)
+    queries, labels = utils.extract_features(backbone, val, device, device)
+    backbone.train(was_training)
+    results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
+                                   len(train.dataset.classes), rank=dist_env.rank, world_size=dist_env.world_size)
+    top1, top5 = results[args.knn_k]
+    utils.print_main(f"k-NN monitoring of the {who} ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, "
+                     f"top-5 {top5:.2f}")
+    return {"knn_top1": top1, "knn_top5": top5}
+
+
+def knn_monitoring(dino: DINO, knn_loaders, args, dist_env: utils.Distributed) -> dict:
+    """The teacher's k-NN (knn_top1, knn_top5) and, with --knn_student, the student's (knn_student_top1, ...)."""
+    stats = knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env)
+    if args.knn_student:
+        student = knn_monitor(dino.student.module.backbone, knn_loaders, args, dist_env, who="student")
+        stats.update({k.replace("knn_", "knn_student_"): v for k, v in student.items()})
+    return stats
+
+
+def append_missing_log_line(checkpoint: dict, knn_loaders, dino: DINO, args, dist_env: utils.Distributed) -> None:
+    """Write the log line of the checkpoint's epoch if log.txt lacks it (a run stopped after its checkpoint).
+
+    The checkpoint keeps the line as it was before the k-NN monitoring; the monitoring is run again on the
+    checkpoint's networks, which are the ones it would have measured. Every process takes part in the k-NN, so
+    rank 0's reading of log.txt decides for all.
+    """
+    line = checkpoint.get("log")
+    if not line:
+        return
+    missing = utils.is_main_process() and line["epoch"] not in utils.logged_epochs(args.output_dir)
+    if not utils.all_reduce_sum(torch.tensor([float(missing)])).item():
+        return
+    line = dict(line)
+    if knn_due(line["epoch"], knn_loaders, args):
+        line.update(knn_monitoring(dino, knn_loaders, args, dist_env))
+    utils.append_log(args.output_dir, line)
+    utils.print_main(f"log.txt had no line for epoch {line['epoch']} (the run stopped after its checkpoint): "
+                     f"written from the checkpoint")
+
+
+def checkpoint_args(args, dist_env: utils.Distributed) -> dict:
+    """The flags, and what the run found (rank, world_size, gpu, device, as the original's args held), as a plain
+    dict of builtins, so the checkpoint loads with weights_only=True."""
+    found = {"rank": dist_env.rank, "world_size": dist_env.world_size, "gpu": dist_env.local_rank,
+             "device": str(dist_env.device)}
+    return {k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else str(v))
+            for k, v in {**vars(args), **found}.items()}
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("DINO", add_help=False)
 
     # Model parameters
-    utils.add_model_args(parser)
+    utils.add_model_args(parser, patch_size=PATCH_SIZE)
     parser.add_argument("--out_dim", default=65536, type=int, help="""Output size of the DINO head (number of
         prototypes). Large values such as 65536 suit large, varied datasets like ImageNet; small ones need fewer.""")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag, help="""Fix the norm of the
@@ -150,6 +542,7 @@ FLAG_DOMAINS = {
 
 def check_args(args) -> None:
     """One-line errors for flag values that would otherwise fail deep inside training."""
+    args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(args, name)
@@ -166,386 +559,6 @@ def check_args(args) -> None:
     if args.knn_data_path:  # the k-NN monitoring feeds the backbone --crop_size crops
         crops.append("crop_size")
     utils.check_patch_fits(args, *crops)
-
-
-def build_data_loader(args, dist_env: utils.Distributed, augmentation: str):
-    """Workers yield crops ready for the network (augmentation cpu) or uint8 crops and their random parameters,
-    which utils.MultiCropOnDevice turns into the same crops on the device (augmentation gpu)."""
-    crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-                 args.local_crops_size)
-    if augmentation == "gpu":
-        transform = utils.MultiCropGeometry(*crop_args)
-    else:
-        transform = utils.DataAugmentationDINO(*crop_args)
-    dataset = utils.image_dataset(args.data_path, transform=transform)  # an ImageFolder, or a tar with its entries
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
-                                                  shuffle=True, seed=args.seed)
-    data_loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=dist_env.device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
-    if len(data_loader) == 0:
-        raise utils.InputError(f"--data_path {args.data_path} has {len(dataset)} images, fewer than one batch "
-                               f"(--batch_size_per_gpu {args.batch_size_per_gpu} x {dist_env.world_size} processes)")
-    utils.print_main(f"Data loaded: there are {len(dataset)} images.")
-    return data_loader
-
-
-def crops_to_device(augmentation: str, device: torch.device):
-    """What turns a batch of the loader into the list of crops on the device."""
-    if augmentation == "gpu":  # (uint8 crops, their random parameters) from the workers
-        augment = utils.MultiCropOnDevice(device)
-        return lambda images: augment(*images)
-    return lambda images: [im.to(device, non_blocking=True) for im in images]
-
-
-def build_networks(args, dist_env: utils.Distributed):
-    """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
-    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
-    teacher = build_model(args.arch, patch_size=args.patch_size)
-    embed_dim = student.embed_dim
-    student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
-                                                       norm_last_layer=args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
-    student, teacher = student.to(dist_env.device), teacher.to(dist_env.device)
-
-    if utils.has_batchnorms(student):
-        if dist_env.world_size > 1:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        teacher = utils.wrap_ddp(teacher, dist_env)  # the teacher's batch norms need synchronising too
-        teacher_without_ddp = teacher.module
-    else:
-        teacher_without_ddp = teacher
-    student = utils.wrap_ddp(student, dist_env)  # DDP, or a stand-in with the same `module.` keys
-    teacher_without_ddp.load_state_dict(student.module.state_dict())  # teacher and student start equal
-    for p in teacher.parameters():
-        p.requires_grad = False
-    if args.compile:
-        for model in (student.module, teacher_without_ddp):
-            model.compile_parts()
-    utils.print_main(f"Student and Teacher are built: they are both {args.arch} network.")
-    return student, teacher, teacher_without_ddp
-
-
-def main(args):
-    check_args(args)  # before the rendezvous: a typo must not wait for every process of the job to connect
-    dist_env = utils.init_distributed_mode(args)
-    utils.fix_random_seeds(args.seed)
-    # batching the per-pixel augmentation steps pays where a GPU runs them
-    augmentation = args.augmentation if args.augmentation != "auto" else \
-        "gpu" if dist_env.device.type == "cuda" else "cpu"
-    utils.print_main(utils.git_description())
-    utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    utils.print_main(f"augmentation on: {augmentation}")
-    torch.backends.cudnn.benchmark = True
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-
-    # ============ preparing data ... ============
-    data_loader = build_data_loader(args, dist_env, augmentation)
-    crops_of = crops_to_device(augmentation, dist_env.device)
-    knn_loaders = build_knn_loaders(args, dist_env)
-
-    # ============ building student and teacher networks, loss, optimizer and precision ... ============
-    dino = DINO.build(args, dist_env)
-
-    # ============ init schedulers ... ============
-    schedules = Schedules.build(args, dist_env.world_size, len(data_loader))
-    utils.print_main("Loss, optimizer and schedulers ready.")
-
-    # ============ optionally resume training ... ============
-    checkpoint = dino.resume(os.path.join(args.output_dir, "checkpoint.pth"))
-    start_epoch = checkpoint.get("epoch", 0)
-    append_missing_log_line(checkpoint, knn_loaders, dino, args, dist_env)
-
-    start_time = time.time()
-    knn_init = {}
-    if knn_loaders and start_epoch == 0:  # the same backbone with its random weights: the baseline to beat
-        knn_init = {f"{k}_init": v for k, v in
-                    knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env).items()}
-    utils.print_main("Starting DINO training !")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-
-        # ============ training one epoch of DINO ... ============
-        epoch_start = time.time()
-        train_stats = train_one_epoch(dino, data_loader, crops_of, schedules, epoch, args)
-        epoch_time = time.time() - epoch_start
-
-        # ============ writing logs ... ============
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "ln_out_dim": math.log(args.out_dim),
-                     "epoch": epoch,
-                     "time": round(epoch_time, 2),
-                     "images_per_s": round(len(data_loader) * args.batch_size_per_gpu * dist_env.world_size /
-                                           epoch_time, 1),
-                     "skipped_images": data_loader.dataset.num_skipped(), **knn_init}
-        knn_init = {}
-        save_dict = {
-            **dino.state_dict(),
-            "epoch": epoch + 1,
-            "args": checkpoint_args(args, dist_env),
-            "log": log_stats,  # the epoch's log line so far: a run stopped before it reaches log.txt writes it
-        }
-        utils.save_on_master(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-        if knn_due(epoch, knn_loaders, args):
-            log_stats.update(knn_monitoring(dino, knn_loaders, args, dist_env))
-        utils.append_log(args.output_dir, log_stats)
-
-    total_time = time.time() - start_time
-    utils.print_main(f"Training time {datetime.timedelta(seconds=int(total_time))}")
-    utils.print_main(f"Checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}  "
-                     f"log: {os.path.join(args.output_dir, 'log.txt')}")
-    utils.shutdown_distributed()
-
-
-class DINO:
-    """What one iteration of the paper's Algorithm 1 updates: the student (by its optimizer), the teacher (by EMA)
-    and the loss's center, with the precision they run in (autocast and the fp16 GradScaler)."""
-
-    def __init__(self, student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast: dict, fp16_scaler,
-                 clip_grad: float, freeze_last_layer: int):
-        self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
-        self.dino_loss, self.optimizer = dino_loss, optimizer
-        self.autocast, self.fp16_scaler = autocast, fp16_scaler
-        self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
-
-    @classmethod
-    def build(cls, args, dist_env: utils.Distributed) -> "DINO":
-        """main_dino's networks, loss, optimizer and precision for these flags, on dist_env.device."""
-        student, teacher, teacher_without_ddp = build_networks(args, dist_env)
-        dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
-        # fused AdamW: one kernel for all parameters (on CUDA, GradScaler then skips inf steps without a host
-        # sync; on CPU the foreach update runs one small op per tensor, 15% of vit_tiny/7's step at 28 pixels)
-        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
-                                          fused=dist_env.device.type in ("cuda", "cpu"))
-        autocast, fp16_scaler = build_precision(args, dist_env.device)
-        return cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
-                   fp16_scaler, args.clip_grad, args.freeze_last_layer)
-
-    def train_step(self, images: list, epoch: int, momentum: float) -> torch.Tensor:
-        """One DINO iteration on crops already on the device. Returns [loss, the teacher's mean per-image entropy,
-        the entropy of its batch-mean distribution] (utils.teacher_entropies), left on the device (no host sync)."""
-        with torch.autocast(**self.autocast):
-            with torch.no_grad():
-                teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
-            student_output = self.student(images)
-            loss, entropies = self.dino_loss(student_output, teacher_output, epoch, with_entropies=True)
-
-        # student update
-        self.optimizer.zero_grad(set_to_none=True)
-        self.fp16_scaler.scale(loss).backward()
-        if self.clip_grad:
-            self.fp16_scaler.unscale_(self.optimizer)  # unscale the gradients in place before clipping them
-            utils.clip_gradients(self.student, self.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, self.student, self.freeze_last_layer)
-        self.fp16_scaler.step(self.optimizer)
-        self.fp16_scaler.update()
-
-        # EMA update for the teacher
-        utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
-        return torch.cat((loss.detach().reshape(1), entropies))
-
-    def state_dict(self) -> dict:
-        """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
-        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict()}
-        if self.fp16_scaler.is_enabled():
-            state["fp16_scaler"] = self.fp16_scaler.state_dict()
-        return state
-
-    def resume(self, ckp_path: str) -> dict:
-        """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
-
-        Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
-        precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
-        """
-        scaler_on = self.fp16_scaler.is_enabled()
-        checkpoint = utils.restart_from_checkpoint(
-            ckp_path, optional=("fp16_scaler",), student=self.student, teacher=self.teacher,
-            optimizer=self.optimizer, params_of=("student", self.student),
-            fp16_scaler=self.fp16_scaler if scaler_on else None, dino_loss=self.dino_loss)
-        if not checkpoint:
-            return checkpoint
-        device = self.dino_loss.center.device
-        precision = "bf16" if self.autocast["dtype"] == torch.bfloat16 and self.autocast["enabled"] else \
-            "fp16" if scaler_on else "fp32"
-        if "fp16_scaler" in checkpoint and not scaler_on:
-            utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
-                             f"{device.type}, without it")
-        elif "fp16_scaler" not in checkpoint and scaler_on:
-            utils.print_main(f"{ckp_path} was trained without fp16 loss scaling (CPU, bf16 or fp32); this run uses "
-                             f"it, from the initial loss scale")
-        saved_args = vars(checkpoint["args"]) if isinstance(checkpoint.get("args"), argparse.Namespace) \
-            else checkpoint.get("args") or {}
-        saved_device = str(saved_args.get("device", "cuda"))  # the original trained on GPUs only
-        if saved_device.split(":")[0] != device.type:
-            utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {device}")
-        return checkpoint
-
-
-class Schedules:
-    """Per-iteration values of the paper's schedules: learning rate (linear warmup, then cosine; scaled by the
-    total batch / 256), weight decay (cosine) and teacher momentum (cosine to 1, or --momentum_teacher_end)."""
-
-    def __init__(self, lr, weight_decay, momentum):
-        self.lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
-
-    @classmethod
-    def build(cls, args, world_size: int, niter_per_epoch: int) -> "Schedules":
-        lr = utils.cosine_scheduler(args.lr * (args.batch_size_per_gpu * world_size) / 256., args.min_lr,
-                                    args.epochs, niter_per_epoch, warmup_epochs=args.warmup_epochs)
-        weight_decay = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch)
-        # momentum parameter is increased to 1. (--momentum_teacher_end) during training with a cosine schedule
-        momentum = utils.cosine_scheduler(args.momentum_teacher, args.momentum_teacher_end, args.epochs,
-                                          niter_per_epoch)
-        return cls(lr, weight_decay, momentum)
-
-    def apply(self, optimizer, it: int) -> float:
-        """Set iteration it's learning rate and weight decay (first group only: the others are not regularized)
-        in the optimizer; return its teacher momentum. Python floats: the checkpoint stays weights_only-loadable."""
-        for j, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = float(self.lr[it])
-            if j == 0:
-                param_group["weight_decay"] = float(self.weight_decay[it])
-        return float(self.momentum[it])
-
-
-def knn_due(epoch: int, knn_loaders, args) -> bool:
-    """Whether the k-NN monitoring runs after this epoch: every --knn_freq epochs and after the last."""
-    return bool(knn_loaders) and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
-
-
-def append_missing_log_line(checkpoint: dict, knn_loaders, dino: DINO, args, dist_env: utils.Distributed) -> None:
-    """Write the log line of the checkpoint's epoch if log.txt lacks it (a run stopped after its checkpoint).
-
-    The checkpoint keeps the line as it was before the k-NN monitoring; the monitoring is run again on the
-    checkpoint's networks, which are the ones it would have measured. Every process takes part in the k-NN, so
-    rank 0's reading of log.txt decides for all.
-    """
-    line = checkpoint.get("log")
-    if not line:
-        return
-    missing = utils.is_main_process() and line["epoch"] not in utils.logged_epochs(args.output_dir)
-    if not utils.all_reduce_sum(torch.tensor([float(missing)])).item():
-        return
-    line = dict(line)
-    if knn_due(line["epoch"], knn_loaders, args):
-        line.update(knn_monitoring(dino, knn_loaders, args, dist_env))
-    utils.append_log(args.output_dir, line)
-    utils.print_main(f"log.txt had no line for epoch {line['epoch']} (the run stopped after its checkpoint): "
-                     f"written from the checkpoint")
-
-
-def build_knn_loaders(args, dist_env: utils.Distributed):
-    """(train, val) feature loaders of --knn_data_path for the k-NN monitoring, or None when it is off. Their
-    workers persist between epochs: starting them again each time would cost more than a small split's pass."""
-    if not args.knn_data_path:
-        return None
-    transform = utils.eval_transform(args.resize_size, args.crop_size)
-    return tuple(utils.feature_loader(dataset, args.knn_batch_size, args.num_workers, dist_env.device, persistent=True)
-                 for dataset in utils.build_eval_datasets(args.knn_data_path, transform, transform))
-
-
-def knn_monitor(backbone, knn_loaders, args, dist_env: utils.Distributed, who: str = "teacher") -> dict:
-    """Weighted k-NN top-1/top-5 (percent) of the backbone's features on --knn_data_path, as eval_knn.py computes."""
-    train, val = knn_loaders
-    was_training = backbone.training
-    backbone.eval()
-    device = dist_env.device
-    bank, bank_labels = utils.extract_features(backbone, train, device, device)
-    queries, labels = utils.extract_features(backbone, val, device, device)
-    backbone.train(was_training)
-    results = utils.knn_classifier(bank, bank_labels, queries, labels, [args.knn_k], args.knn_temperature,
-                                   len(train.dataset.classes), rank=dist_env.rank, world_size=dist_env.world_size)
-    top1, top5 = results[args.knn_k]
-    utils.print_main(f"k-NN monitoring of the {who} ({args.knn_k}-NN on {args.knn_data_path}): top-1 {top1:.2f}, "
-                     f"top-5 {top5:.2f}")
-    return {"knn_top1": top1, "knn_top5": top5}
-
-
-def knn_monitoring(dino: DINO, knn_loaders, args, dist_env: utils.Distributed) -> dict:
-    """The teacher's k-NN (knn_top1, knn_top5) and, with --knn_student, the student's (knn_student_top1, ...)."""
-    stats = knn_monitor(dino.teacher_without_ddp.backbone, knn_loaders, args, dist_env)
-    if args.knn_student:
-        student = knn_monitor(dino.student.module.backbone, knn_loaders, args, dist_env, who="student")
-        stats.update({k.replace("knn_", "knn_student_"): v for k, v in student.items()})
-    return stats
-
-
-def checkpoint_args(args, dist_env: utils.Distributed) -> dict:
-    """The flags, and what the run found (rank, world_size, gpu, device, as the original's args held), as a plain
-    dict of builtins, so the checkpoint loads with weights_only=True."""
-    found = {"rank": dist_env.rank, "world_size": dist_env.world_size, "gpu": dist_env.local_rank,
-             "device": str(dist_env.device)}
-    return {k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else str(v))
-            for k, v in {**vars(args), **found}.items()}
-
-
-def build_precision(args, device: torch.device):
-    """torch.autocast's arguments and the GradScaler: bf16 (no scaling), fp16 with scaling (CUDA only) or fp32."""
-    on_cuda = device.type == "cuda"
-    use_bf16 = args.use_bf16
-    if use_bf16 == "auto":
-        units = ("bfloat16 support" if torch.cuda.is_bf16_supported() else "") if on_cuda else utils.cpu_bf16_units()
-        use_bf16 = bool(units)
-        utils.print_main(f"--use_bf16 auto: {device.type} " + (f"has {units}: training in bf16" if use_bf16 else
-                         "has no bfloat16 matrix units: bf16 would be slower, --use_bf16 false"))
-    if use_bf16 and on_cuda and not torch.cuda.is_bf16_supported():
-        raise utils.InputError("--use_bf16 true: this GPU has no bfloat16 support; use --use_fp16 true instead")
-    if use_bf16 and not on_cuda and not utils.cpu_bf16_units():
-        utils.print_main("--use_bf16 true: this CPU has no bfloat16 matrix units (AMX, AVX512-BF16): bf16 is emulated "
-                         "and may train slower than fp32")
-    if args.use_fp16 and not use_bf16 and not on_cuda:
-        utils.print_main("--use_fp16 applies to CUDA only: training in fp32 on CPU")
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16,
-                    enabled=use_bf16 or (args.use_fp16 and on_cuda))
-    fp16_scaler = torch.amp.GradScaler("cuda", enabled=args.use_fp16 and not use_bf16 and on_cuda)
-    return autocast, fp16_scaler
-
-
-def train_one_epoch(dino: DINO, data_loader, crops_of, schedules: Schedules, epoch: int, args) -> dict:
-    """One epoch of DINO steps; returns the epoch's averaged loss, lr, weight decay and collapse diagnostics
-    (teacher_entropy, teacher_batch_entropy, kl: see utils.teacher_entropies) over all processes."""
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    header = f"Epoch: [{epoch}/{args.epochs}]"
-    pending = []  # step values stay on the device until the next log line: no host sync per step
-    collapse = utils.CollapseCounter(args.out_dim)
-    last = len(data_loader) - 1
-    for i, (images, _) in enumerate(metric_logger.log_every(data_loader, args.log_freq, header)):
-        it = len(data_loader) * epoch + i  # global training iteration
-        momentum = schedules.apply(dino.optimizer, it)
-        pending.append(dino.train_step(crops_of(images), epoch, momentum))
-
-        if i % args.log_freq == 0 or i == last:
-            values = torch.stack(pending)
-            check_losses_finite(values[:, 0], args)
-            for loss, entropy, batch_entropy in values.tolist():
-                metric_logger.update(loss=loss, teacher_entropy=entropy, teacher_batch_entropy=batch_entropy,
-                                     kl=loss - entropy)
-                collapse.add(entropy, batch_entropy)
-            pending.clear()
-            metric_logger.update(lr=dino.optimizer.param_groups[0]["lr"],
-                                 wd=dino.optimizer.param_groups[0]["weight_decay"])
-    metric_logger.synchronize_between_processes()
-    utils.print_main("Averaged stats:", metric_logger)
-    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    warning = collapse.warning(epoch)
-    if warning:
-        utils.print_main(warning)
-        stats["warning"] = warning
-    return stats
-
-
-def check_losses_finite(losses: torch.Tensor, args) -> None:
-    """Stop every process if any recent loss is not finite; no checkpoint is written for this epoch."""
-    bad = utils.all_reduce_sum((~torch.isfinite(losses)).sum().reshape(1).float())
-    if bad.item() > 0:
-        values = losses.tolist()
-        utils.print_main(f"Loss is {values[-1]} (non-finite in {int(bad.item())} recent steps), stopping training; "
-                         f"the last checkpoint in {args.output_dir} is left as it was")
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from PIL import Image
 
 import utils
 
+PATCH_SIZE = 8  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+
 FOURCC = {"mp4": "mp4v", "avi": "XVID"}
 
 
@@ -40,7 +42,7 @@ class DefaultFps(float):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Generation self-attention video", add_help=False)
-    utils.add_model_args(parser, patch_size=8)
+    utils.add_model_args(parser, patch_size=PATCH_SIZE)
     utils.add_weights_args(parser)
     parser.add_argument("--input_path", default=None, type=str, help="""A video file (its frames are extracted to
         <output_path>/frames), or a folder of frames; with --video_only, the folder of images to assemble.""")
@@ -76,6 +78,7 @@ FLAG_DOMAINS = {
 
 def check_args(args) -> None:
     """One-line errors for flag values and paths that would fail later."""
+    args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
     utils.check_patch_fits(args)  # a DINOv2 ViT's patch size
     if args.video_only and args.pca:
@@ -94,6 +97,7 @@ def check_args(args) -> None:
 
 
 def main(args):
+    args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
     check_args(args)
     os.makedirs(args.output_path, exist_ok=True)
     video_path = os.path.join(args.output_path, f"video{'_pca' if args.pca else ''}.{args.video_format}")

@@ -20,7 +20,6 @@ weights give the same colours every run.
 """
 import argparse
 import colorsys
-import math
 import os
 
 import matplotlib.image
@@ -32,10 +31,12 @@ from PIL import Image
 
 import utils
 
+PATCH_SIZE = 8  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Visualize Self-Attention maps", add_help=False)
-    utils.add_model_args(parser, patch_size=8)
+    utils.add_model_args(parser, patch_size=PATCH_SIZE)
     utils.add_weights_args(parser)
     parser.add_argument("--image_path", default=None, type=str,
                         help="Image to look at; by default the photo 'chelsea' (a cat) that ships with scikit-image.")
@@ -59,6 +60,7 @@ FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "image_size": utils.AT_LEAST_ONE, "t
 
 def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
+    args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
     utils.check_patch_fits(args)  # a DINOv2 ViT's patch size
     if not 1 <= len(args.image_size) <= 2:
@@ -82,6 +84,7 @@ def load_image(image_path) -> Image.Image:
 
 
 def main(args):
+    args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

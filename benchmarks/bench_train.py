@@ -274,7 +274,7 @@ class Trainer:
         self.autocast, self.fp16_scaler = self.dino.autocast, self.dino.fp16_scaler
 
     def lean_step(self, images):
-        return self.dino.train_step(images, self.epoch, 0.996)
+        return self.dino.train_step(images, self.epoch, 0.996, self.dino_loss.teacher_temp_schedule[self.epoch])
 
     def original_step(self, images):
         """The original code's step, written out: same mathematics, its kernels and host synchronisations."""

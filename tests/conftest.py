@@ -70,6 +70,28 @@ def write_split(root, colours, per_class, rng, size=40):
             Image.fromarray(img).save(os.path.join(root, f"class{c}", f"img{i}.png"))
 
 
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    """make(n_classes, train_per_class, val_per_class, image_size) -> (root, model): root/data/{train,val} of
+    flat-colour classes (write_split) and root/backbone.pth, the weights of a random vit_tiny/16 (seed 0), which
+    model is, in eval mode. What eval_knn.py and eval_linear.py are tested on."""
+    import torch
+    from vision_transformer import build_model
+
+    def make(n_classes, train_per_class, val_per_class, image_size):
+        root = tmp_path_factory.mktemp("eval")
+        rng = np.random.default_rng(0)
+        colours = rng.integers(30, 226, size=(n_classes, 3))
+        write_split(str(root / "data" / "train"), colours, train_per_class, rng, image_size)
+        write_split(str(root / "data" / "val"), colours, val_per_class, rng, image_size)
+        torch.manual_seed(0)
+        model = build_model("vit_tiny", patch_size=16).eval()
+        torch.save(model.state_dict(), root / "backbone.pth")
+        return root, model
+    return make
+
+
 def free_port():
     """A loopback TCP port free at this moment, for a process group's rendezvous."""
     with socket.socket() as s:

@@ -13,6 +13,7 @@ from conftest import REPO
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist package")
 def test_demo_runs_end_to_end_on_a_tiny_split(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_DIR": str(tmp_path / "data"), "DEMO_DIR": str(tmp_path / "demo"),

@@ -36,11 +36,13 @@ def test_entropies_and_kl_match_an_independent_computation():
 
     loss_fn = utils.DINOLoss(K, ncrops, teacher_temp, teacher_temp, 0, 1, student_temp=student_temp)
     loss_fn.center.copy_(torch.from_numpy(center).float())
-    loss, (mean_entropy, batch_entropy) = loss_fn(torch.from_numpy(student).float(),
-                                                  torch.from_numpy(teacher).float(), 0, with_entropies=True)
-    assert mean_entropy.item() == pytest.approx(entropy(q).mean(), rel=1e-5)
-    assert batch_entropy.item() == pytest.approx(entropy(q.mean(0)), rel=1e-5)
-    assert (loss - mean_entropy).item() == pytest.approx(np.mean(kls), rel=1e-4, abs=1e-5)  # what the log calls kl
+    teacher_probs = loss_fn.softmax_center_teacher(torch.from_numpy(teacher).float(), teacher_temp)
+    loss = loss_fn.cross_entropy(torch.from_numpy(student).float(), teacher_probs)
+    diagnostics = utils.teacher_diagnostics(teacher_probs, loss)
+    assert list(diagnostics) == ["teacher_entropy", "teacher_batch_entropy", "kl"]
+    assert diagnostics["teacher_entropy"].item() == pytest.approx(entropy(q).mean(), rel=1e-5)
+    assert diagnostics["teacher_batch_entropy"].item() == pytest.approx(entropy(q.mean(0)), rel=1e-5)
+    assert diagnostics["kl"].item() == pytest.approx(np.mean(kls), rel=1e-4, abs=1e-5)
     assert 0 <= entropy(q).mean() <= entropy(q.mean(0)) <= math.log(K)  # concavity: the bounds the warnings use
 
 
@@ -95,6 +97,7 @@ def run_training(tmp_path, name: str, *flags) -> tuple:
     return proc.stdout, [json.loads(line) for line in open(out / "log.txt")]
 
 
+@pytest.mark.slow
 def test_the_log_line_carries_the_diagnostics_and_a_forced_uniform_collapse_warns(tmp_path):
     # a teacher temperature of 100 flattens every teacher distribution: a uniform collapse by construction (a healthy
     # run, the demo's, stays quiet: tests/test_demo.py)

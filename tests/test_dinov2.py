@@ -3,7 +3,8 @@ forward written out here from the state dict), both position-embedding rules aga
 its formula, the tools (k-NN, linear features, attention maps, PCA pictures and videos), and the bad inputs.
 
 Random weights stand for the published ones: they are written by the tests with DINOv2's key names and shapes
-(listed here from the issue), never downloaded. ViT-g is only built on the meta device (no memory, no weights).
+(listed here from DINOv2's published files), never downloaded. ViT-g is only built on the meta device (no memory,
+no weights).
 """
 import argparse
 import math
@@ -92,7 +93,7 @@ def photo(h: int, w: int) -> torch.Tensor:
 
 
 def reference_pos_embed(pos_embed: torch.Tensor, h: int, w: int, antialias: bool) -> torch.Tensor:
-    """The position embedding of an h x w patch grid by the issue's rules, in float64, (1, 1 + h * w, D)."""
+    """The position embedding of an h x w patch grid by DINOv2's rules, in float64, (1, 1 + h * w, D)."""
     D = pos_embed.shape[-1]
     if (h, w) == (37, 37):
         return pos_embed.double()
@@ -325,11 +326,12 @@ def test_trains_as_a_dino_backbone():
 # ============ evaluation ============
 
 
+@pytest.mark.slow
 def test_knn_features_are_the_normed_cls_token(tmp_path, weights_file):
     path, state = weights_file
     make_image_folder(str(tmp_path / "data" / "train"), n_classes=2, per_class=3, size=32)
     make_image_folder(str(tmp_path / "data" / "val"), n_classes=2, per_class=2, size=32, seed=1)
-    proc = run_script(["eval_knn.py", "--arch", "dinov2_vits14_reg", "--patch_size", 14, "--pretrained_weights",
+    proc = run_script(["eval_knn.py", "--arch", "dinov2_vits14_reg", "--pretrained_weights",
                        path, "--data_path", tmp_path / "data", "--resize_size", 32, "--crop_size", 28,
                        "--nb_knn", 1, 2, "--num_workers", 0, "--dump_features", tmp_path / "features"])
     assert "1-NN classifier result" in proc.stdout
@@ -359,10 +361,11 @@ def test_linear_features_average_the_patch_tokens_only(model_reg, weights_file, 
     torch.testing.assert_close(features.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_linear_probe_runs(tmp_path, weights_file):
     make_image_folder(str(tmp_path / "data" / "train"), n_classes=2, per_class=3, size=32)
     make_image_folder(str(tmp_path / "data" / "val"), n_classes=2, per_class=2, size=32, seed=1)
-    run_script(["eval_linear.py", "--arch", "dinov2_vits14_reg", "--patch_size", 14, "--pretrained_weights",
+    run_script(["eval_linear.py", "--arch", "dinov2_vits14_reg", "--pretrained_weights",
                 weights_file[0], "--data_path", tmp_path / "data", "--resize_size", 32, "--crop_size", 28,
                 "--n_last_blocks", 1, "--avgpool_patchtokens", "true", "--epochs", 1, "--batch_size_per_gpu", 4,
                 "--num_workers", 0, "--output_dir", tmp_path / "linear"])
@@ -422,7 +425,7 @@ def test_foreground_of_an_object_on_a_flat_background(rows, cols):
 def test_visualize_attention_pca_pictures(tmp_path, model_reg, weights_file):
     out = tmp_path / "out"
     args = visualize_attention.get_args_parser().parse_args(
-        ["--arch", "dinov2_vits14_reg", "--patch_size", "14", "--pretrained_weights", weights_file[0],
+        ["--arch", "dinov2_vits14_reg", "--pretrained_weights", weights_file[0],
          "--image_size", "70", "98", "--pca", "--output_dir", str(out)])
     visualize_attention.main(args)
     names = {"img.png", "overview.png", "pca.png", "pca_foreground.png"} | {f"attn-head{j}.png" for j in range(6)}
@@ -448,7 +451,7 @@ def test_video_pca_one_fit_for_all_frames(tmp_path, weights_file, capsys):
     for i, shift in enumerate([0, 40, 0, 80]):  # frames 0 and 2 are the same picture
         Image.fromarray(np.roll(cat, shift, axis=1)).save(folder / f"frame-{i}.png")
     args = video_generation.get_args_parser().parse_args(
-        ["--arch", "dinov2_vits14_reg", "--patch_size", "14", "--pretrained_weights", weights_file[0], "--pca",
+        ["--arch", "dinov2_vits14_reg", "--pretrained_weights", weights_file[0], "--pca",
          "--input_path", str(folder), "--output_path", str(tmp_path / "out"), "--resize", "42", "--num_workers", "0"])
     video_generation.main(args)
     assert "PCA fitted on all 48 patch features of 4 frames" in capsys.readouterr().out
@@ -460,8 +463,9 @@ def test_video_pca_one_fit_for_all_frames(tmp_path, weights_file, capsys):
     model.load_state_dict(weights_file[1])
     frames = [str(folder / f"frame-{i}.png") for i in range(4)]
     (tmp_path / "again").mkdir()
+    resolved = utils.resolve_patch_size(args, video_generation.PATCH_SIZE)  # what main does first: --patch_size 14
     images = np.stack(list(video_generation.pca_images(model, frames, str(tmp_path / "again"), torch.device("cpu"),
-                                                       args))).astype(np.float64)
+                                                       resolved))).astype(np.float64)
     assert images.shape == (4, 42, 56, 3)
     np.testing.assert_array_equal(images[0], images[2])  # one PCA: the same picture, the same colours
     assert np.abs(images[0] - images[1]).mean() > 5
@@ -484,6 +488,7 @@ def test_video_pca_one_fit_for_all_frames(tmp_path, weights_file, capsys):
 # ============ bad inputs ============
 
 
+@pytest.mark.slow
 def test_wrong_patch_size_is_one_line(tmp_path):
     with pytest.raises(UnknownArchError, match=r"--patch_size 16: dinov2_vitb14 has 14x14 patches"):
         build_model("dinov2_vitb14", patch_size=16)
@@ -491,10 +496,32 @@ def test_wrong_patch_size_is_one_line(tmp_path):
     with pytest.raises(utils.InputError, match=r"^--patch_size 8: dinov2_vits14_reg has 14x14 patches "
                                                r"\(give --patch_size 14\)$"):
         utils.check_patch_fits(args, "crop_size")
-    proc = run_script(["eval_knn.py", "--arch", "dinov2_vits14", "--data_path", tmp_path], check=False)
+    proc = run_script(["eval_knn.py", "--arch", "dinov2_vits14", "--patch_size", 16, "--data_path", tmp_path],
+                      check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --patch_size 16: dinov2_vits14 has 14x14 patches "
                                                 "(give --patch_size 14)"]
+
+
+
+@pytest.mark.parametrize("script, dino_default", [("main_dino", 16), ("eval_knn", 16), ("eval_linear", 16),
+                                                  ("visualize_attention", 8), ("video_generation", 8)])
+def test_patch_size_not_given_is_the_archs_own(script, dino_default, tmp_path):
+    """--arch dinov2_* alone takes its 14; a DINO ViT the script's default; a given size stays as given."""
+    module = __import__(script)
+    parser = module.get_args_parser()
+    extra = ["--input_path", str(tmp_path)] if script == "video_generation" else []
+    for arch, expected in (("dinov2_vits14", 14), ("dinov2_vitb14_reg", 14), ("vit_small", dino_default)):
+        args = parser.parse_args(["--arch", arch, *extra])
+        assert args.patch_size is None  # "not given" as parsed
+        resolved = utils.resolve_patch_size(args, module.PATCH_SIZE)
+        assert resolved.patch_size == expected and args.patch_size is None
+        module.check_args(args)  # no "--patch_size 16: dinov2_vits14 has 14x14 patches"
+    args = parser.parse_args(["--arch", "dinov2_vits14", "--patch_size", "8", *extra])
+    with pytest.raises(utils.InputError, match=r"^--patch_size 8: dinov2_vits14 has 14x14 patches"):
+        module.check_args(args)
+    help_text = " ".join(parser.format_help().split())
+    assert f"14 for the DINOv2 archs (the only size they have), {dino_default}" in help_text
 
 
 def test_dinov2_weights_for_a_dino_vit_and_the_reverse_name_the_shapes(tmp_path, weights_file):

@@ -69,10 +69,10 @@ def run_steps(rank, world_size):
         for epoch in range(args.epochs):
             for i in range(NITER):
                 it = NITER * epoch + i
-                momentum = schedules.apply(dino.optimizer, it)
+                momentum, teacher_temp = schedules.apply(dino.optimizer, it)
                 images = [c[rank * batch:(rank + 1) * batch] for c in global_batch(args, it)]
                 last_layer_before = last_layer.detach().clone()
-                loss = dino.train_step(images, epoch, momentum)[0]
+                loss = dino.train_step(images, epoch, momentum, teacher_temp)["loss"]
                 losses.append(loss.item())
                 frozen.append(torch.equal(last_layer, last_layer_before))
     finally:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import eval_knn
 import utils
-from conftest import free_port, run_script, write_split
+from conftest import free_port, run_script
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -22,17 +22,9 @@ IMAGE, RESIZE, CROP = 40, 36, 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(eval_data):
     """train/ and val/ of a 5-class dataset and the weights of a random vit_tiny/16."""
-    root = tmp_path_factory.mktemp("knn")
-    rng = np.random.default_rng(0)
-    colours = rng.integers(30, 226, size=(N_CLASSES, 3))
-    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng, IMAGE)
-    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng, IMAGE)
-    torch.manual_seed(0)
-    model = build_model("vit_tiny", patch_size=16)
-    torch.save(model.state_dict(), root / "backbone.pth")
-    return root, model.eval()
+    return eval_data(N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE)
 
 
 def knn_args(root, *extra):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import eval_linear
 import utils
-from conftest import free_port, run_script, write_split
+from conftest import free_port, run_script
 from vision_transformer import build_model
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -36,16 +36,9 @@ def read_log(output_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(eval_data):
     """A 6-class dataset, a random vit_tiny/16, and a 4-epoch linear run on its frozen features."""
-    root = tmp_path_factory.mktemp("linear")
-    rng = np.random.default_rng(0)
-    colours = rng.integers(30, 226, size=(N_CLASSES, 3))
-    write_split(str(root / "data" / "train"), colours, TRAIN_PER_CLASS, rng, IMAGE)
-    write_split(str(root / "data" / "val"), colours, VAL_PER_CLASS, rng, IMAGE)
-    torch.manual_seed(0)
-    model = build_model("vit_tiny", patch_size=16).eval()
-    torch.save(model.state_dict(), root / "backbone.pth")
+    root, model = eval_data(N_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE)
     eval_linear.main(linear_args("--pretrained_weights", root / "backbone.pth", "--data_path", root / "data",
                                  "--output_dir", root / "run"))
     return root, model
@@ -106,6 +99,7 @@ def test_linear_classifier_init_and_keys():
     assert torch.count_nonzero(clf.module.linear.bias) == 0
 
 
+@pytest.mark.slow
 def test_crops_depend_on_seed_epoch_and_index_only(trained):
     """Persistent workers (started by the fork server) see set_epoch and crop exactly as the main process does."""
     from torchvision import transforms
@@ -124,6 +118,7 @@ def test_crops_depend_on_seed_epoch_and_index_only(trained):
     assert not torch.equal(crops[0], crops[1])
 
 
+@pytest.mark.slow
 def test_train_crop_scale(trained):
     """--train_crop_scale 1 1: every training crop is the whole image resized, or its mirror; the original's
     0.08 1 (the default) crops parts of them."""
@@ -163,6 +158,7 @@ def reference_accuracy(model, root, state_dict):
             100.0 * (ranking[:, :5] == labels[:, None]).any(1).float().mean().item())
 
 
+@pytest.mark.slow
 def test_training_accuracy_rises_checkpoint_and_schedule(trained):
     root, model = trained
     log = read_log(root / "run")
@@ -184,6 +180,7 @@ def test_training_accuracy_rises_checkpoint_and_schedule(trained):
     assert log[-1]["test_n"] == N_CLASSES * VAL_PER_CLASS
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(trained, tmp_path, monkeypatch, capsys):
     root, _ = trained
     real_train = eval_linear.train
@@ -210,6 +207,7 @@ def test_resume_repeats_the_uninterrupted_run(trained, tmp_path, monkeypatch, ca
     assert strip == [{k: v for k, v in e.items() if k != "time"} for e in read_log(root / "run")]
 
 
+@pytest.mark.slow
 def test_evaluate_local_linear_weights_with_val_only(trained, tmp_path, capsys):
     root, _ = trained
     shutil.copytree(root / "data" / "val", tmp_path / "data" / "val")  # --evaluate needs no train/
@@ -224,6 +222,7 @@ def test_evaluate_local_linear_weights_with_val_only(trained, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "checkpoint.pth.tar")  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_published_linear_weights_by_default_offline_error(trained, tmp_path, monkeypatch, capsys):
     root, _ = trained
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -251,6 +250,7 @@ def test_two_processes_train_then_one_process_evaluates_the_same(trained, tmp_pa
     assert f"* Acc@1 {log[-1]['test_acc1']:.3f} Acc@5 {log[-1]['test_acc5']:.3f}" in one.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,match", [
     ("no_train", r"no train/ folder"),
     ("num_labels", r"--num_labels 7: .* has 6 classes"),

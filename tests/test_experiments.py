@@ -3,6 +3,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -45,6 +46,7 @@ def read_split(root):
     return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(labels)
 
 
+@pytest.mark.slow
 def test_raw_pixel_knn_matches_a_written_out_classifier(tmp_path):
     rng = np.random.default_rng(0)
     write_pattern_split(tmp_path / "data" / "train", 12, rng)
@@ -61,6 +63,7 @@ def test_raw_pixel_knn_matches_a_written_out_classifier(tmp_path):
     assert 40 < top1 < 100  # informative but not perfect, so the comparison above is not trivial
 
 
+@pytest.mark.slow
 def test_raw_pixel_knn_needs_one_image_size(tmp_path):
     rng = np.random.default_rng(0)
     colours = [np.array([60, 60, 60]), np.array([200, 200, 200])]
@@ -72,6 +75,7 @@ def test_raw_pixel_knn_needs_one_image_size(tmp_path):
     assert "images of different sizes" in proc.stderr and str(tmp_path / "data" / "train") in proc.stderr
 
 
+@pytest.mark.slow
 def test_random_init_is_the_seeded_initialisation(tmp_path):
     out = tmp_path / "random.pth"
     run_script(["experiments/fashion_mnist/random_init.py", "--arch", "vit_tiny", "--patch_size", "7",

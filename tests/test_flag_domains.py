@@ -260,6 +260,7 @@ def test_none_means_unset_and_is_not_checked():
                                     "mem_gb": utils.POSITIVE})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,line", [
     (["main_dino.py", "--lr", "-1"], "error: --lr -1.0: must be > 0"),
     (["main_dino.py", "--patch_size", "30", "--global_crops_size", "28", "--local_crops_number", "0"],

@@ -18,6 +18,7 @@ def gpu_env(n=1):
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_training_on_gpu(tmp_path, precision):
     data = make_image_folder(str(tmp_path / "data"), per_class=16)
@@ -41,6 +42,7 @@ def test_attention_paths_agree_in_half_precision():
     torch.testing.assert_close(fused.float(), explicit.float(), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_torchrun_two_gpus_nccl(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), per_class=16)

@@ -232,6 +232,7 @@ def test_whole_pipeline_has_the_distribution_of_the_cpu_pipeline():
             assert stats.ks_2samp(a[:, k], b[:, k]).pvalue > 1e-3, (v, name)
 
 
+@pytest.mark.slow
 def test_main_dino_trains_with_the_batched_augmentation(tmp_path):
     import main_dino
     assert main_dino.get_args_parser().parse_args([]).augmentation == "auto"  # gpu on CUDA, cpu otherwise

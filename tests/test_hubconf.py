@@ -162,19 +162,20 @@ def test_xcit_entrypoints_need_the_xcit_hub_and_say_so_offline(hub_cache):
         hubconf.dino_xcit_small_12_p16()
 
 
-def test_hub_load_ignores_a_callers_own_utils_module(tmp_path, hub_cache):
-    """torch.hub.load from a checkout, in a process that already imported some other module called `utils`."""
+def hub_load_beside_a_callers_module(tmp_path, hub_cache, name: str) -> None:
+    """In a fresh process that imported its own module called `name` first, torch.hub.load dino_vits16 from this
+    checkout: the caller's module stays under its name, and the model holds the cached weights and runs."""
     import subprocess
     import sys
     own = tmp_path / "caller"
     own.mkdir()
-    (own / "utils.py").write_text("MARK = 'caller'\n")
+    (own / f"{name}.py").write_text("MARK = 'caller'\n")
     vits16 = vit_small(patch_size=16)
     torch.save(vits16.state_dict(), hub_cache / "dino_deitsmall16_pretrain.pth")
-    code = ("import sys, torch, utils\n"
-            "assert utils.MARK == 'caller'\n"
+    code = (f"import sys, torch, {name}\n"
+            f"assert {name}.MARK == 'caller'\n"
             f"m = torch.hub.load({str(REPO)!r}, 'dino_vits16', source='local')\n"
-            "assert sys.modules['utils'].MARK == 'caller'\n"
+            f"assert sys.modules[{name!r}].MARK == 'caller'\n"
             f"saved = torch.load({str(hub_cache / 'dino_deitsmall16_pretrain.pth')!r}, weights_only=True)\n"
             "assert all(torch.equal(m.state_dict()[k], v) for k, v in saved.items())\n"
             "print(m(torch.zeros(1, 3, 224, 224)).shape)\n")
@@ -183,3 +184,15 @@ def test_hub_load_ignores_a_callers_own_utils_module(tmp_path, hub_cache):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([1, 384])" in result.stdout
+
+
+@pytest.mark.slow
+def test_hub_load_ignores_a_callers_own_utils_module(tmp_path, hub_cache):
+    """torch.hub.load from a checkout, in a process that already imported some other module called `utils`."""
+    hub_load_beside_a_callers_module(tmp_path, hub_cache, "utils")
+
+
+@pytest.mark.slow
+def test_hub_load_ignores_a_callers_own_vision_transformer_module(tmp_path, hub_cache):
+    """A caller that imported its own vision_transformer.py (a copy of the original's, say) still gets ours."""
+    hub_load_beside_a_callers_module(tmp_path, hub_cache, "vision_transformer")

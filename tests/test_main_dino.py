@@ -37,7 +37,9 @@ def read_log(out):
 
 def test_flags_and_defaults_are_the_originals():
     import main_dino
-    args = main_dino.get_args_parser().parse_args([])
+    parsed = main_dino.get_args_parser().parse_args([])
+    assert parsed.patch_size is None  # "not given": the arch's own, 16 for the original's vit_small
+    args = main_dino.utils.resolve_patch_size(parsed, main_dino.PATCH_SIZE)  # what main runs with
     for name, default in REFERENCE_DEFAULTS.items():
         assert getattr(args, name) == default, name
 
@@ -62,6 +64,23 @@ def test_teacher_momentum_schedule_ends_at_one_or_at_momentum_teacher_end():
         main_dino.check_args(args)
 
 
+def test_teacher_temperature_comes_from_the_schedules_with_the_others():
+    """Schedules.apply returns each iteration's momentum and the teacher temperature of its epoch."""
+    import main_dino
+    args = main_dino.get_args_parser().parse_args(["--warmup_teacher_temp", "0.04", "--teacher_temp", "0.07",
+                                                   "--warmup_teacher_temp_epochs", "2", "--epochs", "4",
+                                                   "--warmup_epochs", "1"])
+    niter = 3
+    schedules = main_dino.Schedules.build(args, 1, niter)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    temps = [schedules.apply(optimizer, it)[1] for it in range(4 * niter)]
+    assert temps == [0.04] * niter + [0.07] * (3 * niter)
+    assert all(type(t) is float for t in temps)  # the checkpoint stays weights_only-loadable
+    momentum, _ = schedules.apply(optimizer, 5)
+    assert momentum == float(schedules.momentum[5])
+
+
+@pytest.mark.slow
 def test_help_is_fast_and_offline(monkeypatch):
     """Building, formatting and parsing the flags open no connection (the autouse no_network fixture) and call no
     torch.hub function: what a time limit on `--help` stood for, without a wall clock that a busy machine breaks."""
@@ -80,6 +99,7 @@ def test_help_is_fast_and_offline(monkeypatch):
         assert f"--{flag}" in help_text and f"--{flag}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_epochs_write_the_reference_checkpoint_layout(image_folder, tmp_path):
     out = str(tmp_path / "out")
     proc = run_script(tiny_args(image_folder, out, saveckp_freq=1))
@@ -105,6 +125,7 @@ def test_two_epochs_write_the_reference_checkpoint_layout(image_folder, tmp_path
         assert record["train_loss"] > 0 and record["skipped_images"] == 0
 
 
+@pytest.mark.slow
 def test_original_code_layout_loads_back_for_evaluation(image_folder, tmp_path):
     """A checkpoint of ours, read the way the original's evaluation reads it: key, strip module., strip backbone."""
     import utils
@@ -121,6 +142,7 @@ def test_original_code_layout_loads_back_for_evaluation(image_folder, tmp_path):
                                       key, "vit_tiny", 8)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(image_folder, tmp_path):
     out = str(tmp_path / "out")
     args = tiny_args(image_folder, out, epochs=1, batch_size_per_gpu=4)
@@ -133,6 +155,7 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
     assert all(k.startswith("module.") for k in ckpt["student"])
 
 
+@pytest.mark.slow
 def test_legacy_launcher_passes_local_rank(image_folder, tmp_path):
     out = str(tmp_path / "out")
     args = tiny_args(image_folder, out, epochs=1)
@@ -140,6 +163,7 @@ def test_legacy_launcher_passes_local_rank(image_folder, tmp_path):
     assert "world size 1" in proc.stdout and os.path.isfile(os.path.join(out, "checkpoint.pth"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_last_completed_epoch(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), per_class=16)
     out = str(tmp_path / "out")
@@ -161,6 +185,7 @@ def test_sigkill_then_resume_from_last_completed_epoch(tmp_path):
     assert epochs == list(range(4)), epochs  # nothing repeated, nothing missing
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_skipped_and_counted(image_folder, tmp_path):
     with open(os.path.join(image_folder, "class0", "corrupt.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 truncated")
@@ -170,6 +195,7 @@ def test_corrupt_image_is_skipped_and_counted(image_folder, tmp_path):
     assert read_log(out)[0]["skipped_images"] == 1
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_path):
     out = str(tmp_path / "out")
     run_script(tiny_args(image_folder, out, epochs=1))
@@ -184,6 +210,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_p
     assert len(read_log(out)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,expected", [
     ("missing", "data folder .*missing: does not exist"),
     ("empty", "data folder .*empty: no class subfolders"),
@@ -218,6 +245,7 @@ def test_bad_input_is_one_clear_line(image_folder, tmp_path, case, expected):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_knn_monitoring_logs_the_teachers_accuracy(tmp_path):
     """The k-NN written to log.txt equals a weighted k-NN computed here from the final teacher's features."""
     import numpy as np

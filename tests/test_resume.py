@@ -258,6 +258,7 @@ def test_kill_during_knn_monitoring_loses_no_log_line(tmp_path):
 
 # ============ flags before the rendezvous ============
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_bad_flags_fail_before_the_rendezvous_and_print_once(tmp_path, rank):
     """Process `rank` of a 2-process job whose peer never comes: a bad flag ends it at once (it would wait for

@@ -193,6 +193,7 @@ def test_trainer_sets_up_the_task_from_the_job_environment(tmp_path, monkeypatch
     assert seen[-1].dist_url == "tcp://10.0.0.1:23456"
 
 
+@pytest.mark.slow
 def test_forked_children_ignore_the_requeue_signal_the_parent_handles():
     """A forked DataLoader worker must not run submitit's requeue handler; the training process must."""
     code = """if True:
@@ -355,6 +356,7 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, tmp_path):
     assert [r for r, _ in runs] == ["0", "1", "2"] and runs[0][1] != runs[1][1] == runs[2][1], runs
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.parametrize("flags, expected", [
     (lambda cpus: {"partition": "nosuchpartition"},

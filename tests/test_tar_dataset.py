@@ -61,6 +61,7 @@ def entries_beside(tar_path):
             np.load(os.path.join(folder, "pretrain_file_indices.npy")))  # allow_pickle is False: no pickle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["gnu", "pax"])
 def test_entries_are_the_offsets_tarfile_finds_and_the_bytes_are_the_members(data, fmt):
     tar_path = data["tars"][fmt]
@@ -149,6 +150,7 @@ def test_each_process_opens_the_tar_once(data, monkeypatch):
     assert all(fd_pid == pid and times_opened == 2 for pid, fd_pid, times_opened in seen)
 
 
+@pytest.mark.slow
 def test_training_one_epoch_from_the_tar_and_from_the_folder(data, tmp_path):
     runs = {}
     for source, path in (("tar", data["tars"]["gnu"]), ("folder", data["folder"])):
@@ -224,6 +226,7 @@ def bad_tar(case, data, tmp_path):
     return tar_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,expected", [
     ("truncated", r"entries .*pretrain_entries.npy: offsets run to byte \d+, past the end of .*pretrain_dataset.tar "
                   r"\(\d+ bytes\): a truncated copy"),
@@ -259,6 +262,7 @@ def test_the_data_path_check_takes_a_tar(data, tmp_path):
         utils.image_dataset(os.path.dirname(data["tars"]["gnu"]))
 
 
+@pytest.mark.slow
 def test_knn_evaluation_from_train_and_val_tars_equals_the_folders(tmp_path, capsys):
     rng = np.random.default_rng(0)
     colours = rng.integers(30, 226, size=(3, 3))
@@ -300,6 +304,7 @@ def test_benchmark_stage_measures_the_loader_from_files_and_from_the_tar(tmp_pat
     assert len(utils.TarImageDataset(str(tmp_path / "tar" / "pretrain_dataset.tar"))) == 16
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_shards_of_the_tar(tmp_path):
     folder = make_image_folder(str(tmp_path / "images"))  # 24 images: 12 per process, 3 batches of 4
     tar_path = build_tar(str(tmp_path / "pretrain_dataset.tar"), folder, ".", tarfile.GNU_FORMAT)

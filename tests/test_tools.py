@@ -27,6 +27,7 @@ def fake_source(root, n_train=30, n_val=20):
     return root
 
 
+@pytest.mark.slow
 def test_export_reads_idx_and_writes_image_folders(tmp_path):
     source = fake_source(str(tmp_path / "src"))
     out = str(tmp_path / "out")
@@ -45,12 +46,14 @@ def test_export_reads_idx_and_writes_image_folders(tmp_path):
     assert Image.open(os.path.join(out, "train", "0_tshirt_top", "00000.png")).size == (32, 32)
 
 
+@pytest.mark.slow
 def test_export_without_the_package_says_how_to_install(tmp_path):
     proc = run_script(["tools/prepare_fashion_mnist.py", "--source", str(tmp_path / "none"),
                        "--output_dir", str(tmp_path / "out")], check=False)
     assert proc.returncode != 0 and "apt-get install dataset-fashion-mnist" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(REAL_SOURCE), reason="dataset-fashion-mnist is not installed")
 def test_export_of_the_real_dataset(tmp_path):
     out = str(tmp_path / "fm")
@@ -60,6 +63,7 @@ def test_export_of_the_real_dataset(tmp_path):
     assert sum(len(files) for _, _, files in os.walk(os.path.join(out, "val"))) == 10
 
 
+@pytest.mark.slow
 def test_plot_logs_writes_one_panel_per_key(tmp_path):
     paths = []
     for run, offset in (("a", 0.0), ("b", 1.0)):

@@ -72,6 +72,28 @@ def test_dino_loss_and_center_update_on_a_tiny_example():
     torch.testing.assert_close(loss_fn.center, 0.9 * 0.5 + 0.1 * teacher.mean(0, keepdim=True))
 
 
+
+def test_dino_loss_forward_is_algorithm_1_in_its_three_methods():
+    """forward = softmax_center_teacher (centre, sharpen), cross_entropy, update_center: the pieces train_step calls."""
+    torch.manual_seed(1)
+    B, K, ncrops = 4, 9, 6
+    student, teacher = torch.randn(ncrops * B, K), torch.randn(2 * B, K)
+    whole, pieces = (utils.DINOLoss(K, ncrops, 0.04, 0.07, 3, 5) for _ in range(2))
+    for loss_fn in (whole, pieces):
+        loss_fn.center.copy_(torch.randn(1, K) * 0.1 if loss_fn is whole else whole.center)
+    probs = pieces.softmax_center_teacher(teacher, 0.055)  # epoch 1 of the 3-epoch warmup 0.04 -> 0.07
+    torch.testing.assert_close(probs, torch.softmax((teacher - whole.center) / 0.055, dim=-1))
+    assert not probs.requires_grad
+    loss = pieces.cross_entropy(student, probs)
+    center_before = pieces.center.clone()
+    assert torch.equal(pieces.center, center_before)  # only update_center moves it
+    pieces.update_center(teacher)
+    assert torch.equal(whole(student, teacher, epoch=1), loss)
+    assert torch.equal(whole.center, pieces.center)
+    expected = slow_dino_loss(student, teacher, center_before, ncrops, 0.1, 0.055)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def _center_worker(rank, world_size, port, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -83,6 +105,7 @@ def _center_worker(rank, world_size, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_center_is_the_mean_over_all_processes():
     port = free_port()
     with mp.Manager() as manager:

@@ -108,6 +108,7 @@ def nearest(image: np.ndarray, candidates: list) -> int:
     return int(np.argmin([np.abs(image - c).mean() for c in candidates]))
 
 
+@pytest.mark.slow
 def test_video_file_through_the_whole_pipeline(tmp_path, clip, clip_frames, model_and_checkpoint):
     model, checkpoint = model_and_checkpoint
     out = tmp_path / "out"
@@ -241,6 +242,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, model_and_checkpoint, kind, ex
     assert not os.path.exists(tmp_path / "out" / "video.mp4")
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path, model_and_checkpoint):
     garbage = bad_input(tmp_path, "garbage.mp4")
     proc = run_script(["video_generation.py", "--arch", "vit_tiny", "--patch_size", P, "--pretrained_weights",

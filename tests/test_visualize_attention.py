@@ -196,6 +196,7 @@ def test_attention_weights_default_to_the_300_epoch_vit_small_8():
 # ============ the script ============
 
 
+@pytest.mark.slow
 def test_script_writes_the_originals_figures_with_the_originals_numbers(tmp_path, checkpoint, photo, vit_state):
     out = tmp_path / "out"
     proc = run_script(["visualize_attention.py", "--arch", "vit_tiny", "--patch_size", P,
@@ -312,6 +313,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, checkpoint, kw, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path, checkpoint):
     proc = run_script(["visualize_attention.py", "--arch", "vit_tiny", "--patch_size", P, "--pretrained_weights",
                        checkpoint, "--image_path", tmp_path / "nope.png", "--output_dir", tmp_path],
