@@ -1,10 +1,10 @@
 # make demo: set up, then train DINO for about 5 minutes on Fashion-MNIST (CPU is fine) and k-NN evaluate it (tools/demo.sh).
-# make test: set up and run the test suite (CPU, no network).
+# make test: set up and run the whole test suite (CPU, no network); make test-fast: the tests not marked slow.
 PYTHON ?= python3
 DEMO_DIR ?= output/demo
 DATA_DIR ?= data/fashion_mnist_demo
 
-.PHONY: setup setup-test demo test
+.PHONY: setup setup-test demo test test-fast
 
 setup:
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ]; then \
@@ -20,3 +20,6 @@ demo: setup
 
 test: setup-test
 	$(PYTHON) -m pytest tests -q
+
+test-fast: setup-test
+	$(PYTHON) -m pytest tests -q -m "not slow"
