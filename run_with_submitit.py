@@ -102,7 +102,8 @@ class Trainer:
         # submitit's handler: left alone, a worker of rank 0 would checkpoint and requeue the job a second time
         os.register_at_fork(after_in_child=ignore_requeue_signal)
         print(f"| task {job_env.global_rank} of {job_env.num_tasks}: job {job_env.job_id} on {job_env.hostname}, "
-              f"node {job_env.node} of {job_env.num_nodes}, local rank {job_env.local_rank}", flush=True)
+              f"node {job_env.node} of {job_env.num_nodes}, local rank {job_env.local_rank}, "
+              f"rendezvous {args.dist_url}", flush=True)
         main_dino.main(args)
         ignore_requeue_signal()  # training is over: a late timeout signal must not requeue the finished job
 

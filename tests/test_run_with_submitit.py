@@ -349,11 +349,11 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, tmp_path):
     # each epoch trained once (a killed run may finish the epoch it was in before SIGKILL): resumed, not restarted
     assert epochs == sorted(set(epochs)) and epochs[0] == 0 and epochs[-1] == 2, epochs
     assert utils.torch_load(os.path.join(out, "checkpoint.pth"))["epoch"] == 3
-    # one rendezvous file per run: the second run has a new run id (checkpoint) and restart count, the third
-    # (scontrol requeue) the same run id and a new restart count
-    runs = sorted(re.fullmatch(rf"{job_id}_rendezvous_(\w+)_restart(\d)", p).groups()[::-1]
-                  for p in os.listdir(os.path.join(out, "submitit")) if "_rendezvous_" in p)
-    assert [r for r, _ in runs] == ["0", "1", "2"] and runs[0][1] != runs[1][1] == runs[2][1], runs
+    # one rendezvous file per run, as each run printed it (torch removes the file once a run ends cleanly): the
+    # second run has a new run id (checkpoint) and restart count, the third (scontrol requeue) the same run id
+    # and a new restart count
+    runs = re.findall(rf"rendezvous file://{re.escape(out)}/submitit/{job_id}_rendezvous_(\w+)_restart(\d)", rank0)
+    assert [r for _, r in runs] == ["0", "1", "2"] and runs[0][0] != runs[1][0] == runs[2][0], runs
 
 
 @pytest.mark.slow
