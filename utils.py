@@ -140,12 +140,6 @@ def init_distributed_mode(args) -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
-# Every collective goes through the helpers below. A process group serves tensors of some device types only: gloo
-# CPU (and CUDA) tensors, NCCL CUDA tensors alone ("No backend type associated with device type cpu"). The helpers
-# reduce a tensor where it lives when the group serves its device, else on a copy on the group's device.
-
-
-
 def fix_random_seeds(seed: int = 31) -> None:
     """Seed torch, numpy and random; each rank adds its rank so crops differ between processes."""
     seed = seed + get_rank()
@@ -194,8 +188,6 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     schedule = np.concatenate((warmup, schedule))
     assert len(schedule) == epochs * niter_per_ep
     return schedule
-
-
 
 
 # ============ augmentation ============
@@ -256,13 +248,7 @@ class DataAugmentationDINO:
         return crops
 
 
-# The batched multi-crop (--augmentation gpu) draws crops from DataAugmentationDINO's distributions, in two halves.
-# DataLoader workers decode each image, cut its crops (RandomResizedCrop's box on the full image, bicubic resize)
-# and draw every random parameter of the later steps; the training device applies flip, colour jitter, grayscale,
-# blur, solarization and normalisation to the whole batch at once. Crop boxes differ in size from image to image,
-# so cutting stays in the workers, with torchvision's uint8 tensor resize (antialiased bicubic, at most 1 grey level
-# from PIL's, and 1.6x faster); the per-pixel steps, two thirds of the original's per-image time, batch well on a GPU.
-
+# The batched multi-crop (--augmentation gpu), drawn from the same distributions: dinolib/batched_augmentation.py
 
 
 # ============ loss and teacher ============
@@ -436,7 +422,6 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
 def has_batchnorms(model: nn.Module) -> bool:
     """True if any module is a batch norm (then the teacher needs SyncBatchNorm and DDP too)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
 
 
 # ============ logging ============

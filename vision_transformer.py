@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -403,7 +404,6 @@ class UnknownArchError(ValueError):
 
 
 def torchvision_arch_names() -> list:
-    import torchvision
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -432,7 +432,6 @@ def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.
         return model  # XCiT models carry embed_dim themselves
     names = torchvision_arch_names()
     if arch in names:
-        import torchvision
         model = torchvision.models.get_model(arch, weights=None)
         model.embed_dim = _drop_classifier(model, arch)
         return model

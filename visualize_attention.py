@@ -24,10 +24,13 @@ import os
 
 import matplotlib.image
 import numpy as np
+import skimage.data
 import torch
+import torchvision
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
 from PIL import Image
+from skimage.measure import find_contours
 
 import utils
 
@@ -71,9 +74,8 @@ def check_args(args) -> None:
 def load_image(image_path) -> Image.Image:
     """The image at image_path as RGB, or scikit-image's photo of a cat when no path is given (works offline)."""
     if image_path is None:
-        from skimage import data
         print("No --image_path given: using the photo 'chelsea' that ships with scikit-image.")
-        return Image.fromarray(data.chelsea()).convert("RGB")
+        return Image.fromarray(skimage.data.chelsea()).convert("RGB")
     if not os.path.isfile(image_path):
         raise utils.InputError(f"--image_path {image_path}: no such file")
     try:
@@ -135,7 +137,6 @@ def save_rgb(rgb: torch.Tensor, fname: str) -> None:
 
 def save_figures(img: torch.Tensor, attentions: np.ndarray, masks, args) -> None:
     """img.png, attn-head{j}.png, the masks with --threshold, and overview.png."""
-    import torchvision
     img_path = os.path.join(args.output_dir, "img.png")
     torchvision.utils.save_image(torchvision.utils.make_grid(img[None], normalize=True, scale_each=True), img_path)
     print(f"{img_path} saved.")
@@ -165,7 +166,6 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, color, alpha: float = 0.5)
 
 def draw_mask(ax, image: np.ndarray, mask: np.ndarray, color) -> None:
     """The image with the mask blended in and its contours drawn, on axes whose data units are pixels."""
-    from skimage.measure import find_contours
     ax.imshow(overlay_mask(image, mask, color), interpolation="nearest")
     padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2))  # padding closes the contours at the borders
     padded[1:-1, 1:-1] = mask
