@@ -77,6 +77,13 @@ class DINO:
         utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
         return {"loss": loss.detach(), **utils.teacher_diagnostics(teacher_probs, loss)}
 
+    @property
+    def precision(self) -> str:
+        """What the step computes in: 'bf16' (autocast), 'fp16' (autocast and loss scaling) or 'fp32'."""
+        if not self.autocast["enabled"]:
+            return "fp32"
+        return "bf16" if self.autocast["dtype"] == torch.bfloat16 else "fp16"
+
     def state_dict(self) -> dict:
         """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
@@ -99,8 +106,7 @@ class DINO:
         if not checkpoint:
             return checkpoint
         device = self.dino_loss.center.device
-        precision = "bf16" if self.autocast["dtype"] == torch.bfloat16 and self.autocast["enabled"] else \
-            "fp16" if scaler_on else "fp32"
+        precision = self.precision
         if "fp16_scaler" in checkpoint and not scaler_on:
             utils.print_main(f"{ckp_path} was trained with fp16 loss scaling; this run trains in {precision} on "
                              f"{device.type}, without it")
@@ -289,7 +295,7 @@ def main(args):
 
         # ============ writing logs ... ============
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "ln_out_dim": math.log(args.out_dim),
-                     "epoch": epoch,
+                     "epoch": epoch, "precision": dino.precision,
                      "time": round(epoch_time, 2),
                      "images_per_s": round(len(data_loader) * args.batch_size_per_gpu * dist_env.world_size /
                                            epoch_time, 1),

@@ -4,6 +4,7 @@
 #
 #     bash tools/demo.sh                                   # what make demo runs (after its setup)
 #     SEED=1 DEMO_DIR=output/demo_seed1 bash tools/demo.sh  # another seed
+#     PRECISION=fp32 bash tools/demo.sh                    # auto (default: bf16 where the CPU has bf16 units), bf16, fp32
 #     TRAIN_PER_CLASS=4 VAL_PER_CLASS=2 EPOCHS=1 BATCH=8 bash tools/demo.sh   # the pieces, in seconds
 #     KNN_STUDENT=true bash tools/demo.sh                  # the student's k-NN beside the teacher's
 #
@@ -24,6 +25,13 @@ VAL_PER_CLASS=${VAL_PER_CLASS:-100}
 EPOCHS=${EPOCHS:-7}
 BATCH=${BATCH:-32}
 SEED=${SEED:-0}
+PRECISION=${PRECISION:-auto}
+case "$PRECISION" in
+    auto) precision_flags="--use_bf16 auto" ;;
+    bf16) precision_flags="--use_bf16 true" ;;
+    fp32) precision_flags="--use_bf16 false --use_fp16 false" ;;
+    *) echo "tools/demo.sh: PRECISION=$PRECISION is not one of auto, bf16, fp32" >&2; exit 2 ;;
+esac
 KNN_STUDENT=${KNN_STUDENT:-false}  # true: the student's k-NN beside the teacher's (another pass per epoch)
 
 start=$(date +%s)
@@ -37,7 +45,7 @@ $PYTHON main_dino.py --arch vit_tiny --patch_size 7 --global_crops_size 28 --glo
     --local_crops_number 0 --out_dim 256 --use_bn_in_head true --teacher_temp 0.02 --warmup_teacher_temp 0.02 \
     --momentum_teacher 0.96 --momentum_teacher_end 0.98 --freeze_last_layer 0 --drop_path_rate 0 \
     --batch_size_per_gpu "$BATCH" --lr 0.002 --min_lr 0.000125 --epochs "$EPOCHS" --warmup_epochs 0.5 \
-    --use_bf16 auto --augmentation gpu --num_workers 1 --seed "$SEED" --saveckp_freq 0 \
+    $precision_flags --augmentation gpu --num_workers 1 --seed "$SEED" --saveckp_freq 0 \
     --data_path "$DATA_DIR/train" --knn_data_path "$DATA_DIR" --knn_freq 1 --knn_student "$KNN_STUDENT" \
     --resize_size 28 --crop_size 28 --output_dir "$DEMO_DIR"
 train_s=$(( $(date +%s) - start ))
@@ -48,13 +56,15 @@ image=$(find "$DATA_DIR/val" -name '*.png' | sort | sed -n 1p)  # sed reads to t
 $PYTHON visualize_attention.py --arch vit_tiny --patch_size 7 --pretrained_weights "$DEMO_DIR/checkpoint.pth" \
     --checkpoint_key teacher --image_path "$image" --image_size 28 --output_dir "$DEMO_DIR/attention"
 
-echo "export ${export_s} s, training ${train_s} s (main_dino.py, k-NN monitoring included), seed ${SEED}"
+echo "export ${export_s} s, training ${train_s} s (main_dino.py, k-NN monitoring included), seed ${SEED}," \
+    "PRECISION=${PRECISION}"
 $PYTHON - "$DEMO_DIR/log.txt" "$DATA_DIR/val" <<'EOF'
 import json, sys
 lines = [json.loads(line) for line in open(sys.argv[1])]
 init = next(x for x in lines if "knn_top1_init" in x)["knn_top1_init"]
 last = lines[-1]
 student = f"; the student: {last['knn_student_top1']:.1f}%" if "knn_student_top1" in last else ""
+print(f"trained in {last['precision']}")
 print(f"20-NN top-1 on {sys.argv[2]}: random weights {init:.1f}%, after DINO {last['knn_top1']:.1f}% "
       f"({last['knn_top1'] - init:+.1f} points{student})")
 EOF
