@@ -32,11 +32,12 @@ class DINO:
     and the loss's center, with the precision they run in (autocast and the fp16 GradScaler)."""
 
     def __init__(self, student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast: dict, fp16_scaler,
-                 clip_grad: float, freeze_last_layer: int):
+                 clip_grad: float, freeze_last_layer: int, centering: str = "centering"):
         self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
         self.dino_loss, self.optimizer = dino_loss, optimizer
         self.autocast, self.fp16_scaler = autocast, fp16_scaler
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+        self.centering = centering
 
     @classmethod
     def build(cls, args, dist_env: utils.Distributed) -> "DINO":
@@ -50,7 +51,7 @@ class DINO:
                                           fused=dist_env.device.type in ("cuda", "cpu"))
         autocast, fp16_scaler = build_precision(args, dist_env.device)
         return cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
-                   fp16_scaler, args.clip_grad, args.freeze_last_layer)
+                   fp16_scaler, args.clip_grad, args.freeze_last_layer, args.centering)
 
     def train_step(self, images: list, epoch: int, momentum: float, teacher_temp: float) -> dict:
         """One iteration of the paper's Algorithm 1 on crops already on the device. Returns the loss and the
@@ -58,10 +59,14 @@ class DINO:
         with torch.autocast(**self.autocast):
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
-                teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)  # centre, sharpen
+                if self.centering == "sinkhorn_knopp":
+                    teacher_probs = self.dino_loss.sinkhorn_knopp_teacher(teacher_output, teacher_temp)
+                else:
+                    teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)  # centre, sharpen
             student_output = self.student(images)
             loss = self.dino_loss.cross_entropy(student_output, teacher_probs)
-            self.dino_loss.update_center(teacher_output)
+            if self.centering == "centering":
+                self.dino_loss.update_center(teacher_output)
 
         # student update
         self.optimizer.zero_grad(set_to_none=True)
@@ -449,6 +454,11 @@ def get_args_parser():
         warmup. Values above about 0.07 tend to be unstable; start from 0.04 and raise it slightly if needed.""")
     parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                         help="Epochs of linear warmup of the teacher temperature (the paper's long runs use 30).")
+    parser.add_argument("--centering", default="centering", choices=["centering", "sinkhorn_knopp"],
+                        help="""How the teacher's outputs become its targets: `centering` (the original's:
+        minus an EMA center, then softmax at the teacher temperature) or DINOv2's `sinkhorn_knopp` (3 Sinkhorn-Knopp
+        iterations over the batch of all processes, which spread the images evenly over the prototypes; the center
+        stays as it is).""")
 
     # Training/Optimization parameters
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (float16

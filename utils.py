@@ -62,7 +62,7 @@ from dinolib.pictures import (  # noqa: F401
     PatchPCA, attention_mass_mask, attention_transform, border_patches, build_attention_backbone,
     cls_attention_maps, crop_to_patch_multiple, patch_features, pca_pictures, upsample_patches)
 from dinolib.process_group import (  # noqa: F401
-    _group_device, all_gather_cat, all_reduce_sum, barrier, get_rank, get_world_size, is_dist_avail_and_initialized,
+    _group_device, all_gather_cat, all_reduce_max, all_reduce_sum, barrier, get_rank, get_world_size, is_dist_avail_and_initialized,
     is_main_process, print_main)
 from dinolib.tar_index import (  # noqa: F401
     COMPRESSION_MAGIC, TAR_BLOCK, TAR_FILE_TYPES, TAR_NO_DATA_TYPES, TAR_SUFFIXES, TarMember, check_uncompressed_tar,
@@ -307,6 +307,7 @@ class DINOLoss(nn.Module):
     The paper's Algorithm 1 in three methods, which DINO.train_step calls in turn: softmax_center_teacher (the
     teacher's centering and sharpening), cross_entropy (the student's loss against it) and update_center (the
     center's EMA). forward composes them, with the temperature of teacher_temp_schedule for the epoch.
+    sinkhorn_knopp_teacher is DINOv2's replacement for the first and last (--centering sinkhorn_knopp).
     """
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -332,6 +333,27 @@ class DINOLoss(nn.Module):
         """The teacher's distributions: its outputs centred (minus the center) and sharpened (divided by
         teacher_temp), in fp32. (2 * B, K) in, (2 * B, K) out, no gradient."""
         return F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
+                               n_iterations: int = 3) -> torch.Tensor:
+        """DINOv2's alternative to centering: the teacher's distributions as a Sinkhorn-Knopp assignment of the
+        batch (all processes together) to the K prototypes, each prototype receiving about B / K of the B images
+        and each image's assignment summing to 1. (N, K) in, (N, K) out, fp32, no gradient; the center is unused.
+
+        The matrix exp(teacher_output / teacher_temp), scaled to sum 1, is normalised n_iterations times, first
+        per prototype (every process's rows summed) then per image. exp is taken after subtracting the maximum
+        over all processes, a constant that the first normalisation removes: the result is DINOv2's, without its
+        overflow when logits / teacher_temp pass 88.
+        """
+        logits = teacher_output.float() / teacher_temp
+        q = torch.exp(logits - all_reduce_max(logits.max().reshape(1))).t()  # (K, N)
+        n_prototypes, n_images = q.shape[0], q.shape[1] * get_world_size()
+        q /= all_reduce_sum(q.sum().reshape(1))
+        for _ in range(n_iterations):
+            q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * n_prototypes  # each prototype's total: 1 / K
+            q /= q.sum(dim=0, keepdim=True) * n_images  # each image's total: 1 / B
+        return (q * n_images).t()
 
     def cross_entropy(self, student_output: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """Mean over the 2 * (ncrops - 1) pairs (teacher crop, every other student crop) of the batch mean of

@@ -51,10 +51,19 @@ def _group_device(device: torch.device) -> torch.device:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes in place and return it; a no-op in one process."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a tensor over processes, in place, and return it; a no-op in one process."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not is_dist_avail_and_initialized():
         return t
     buf = t.to(_group_device(t.device))
-    dist.all_reduce(buf)
+    dist.all_reduce(buf, op=op)
     if buf is not t:
         t.copy_(buf.to(t.device))
     return t

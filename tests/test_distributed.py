@@ -16,7 +16,7 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
                "all_to_all_single", "gather", "gather_object", "scatter", "scatter_object_list", "barrier",
                "monitored_barrier", "send", "recv", "isend", "irecv"}
-HELPERS = {"all_reduce_sum", "all_gather_cat", "barrier"}  # utils.py: the only functions that call a collective
+HELPERS = {"_all_reduce", "all_gather_cat", "barrier"}  # process_group.py: the only functions that call a collective
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@
 #     KNN_STUDENT=true bash tools/demo.sh                  # the student's k-NN beside the teacher's
 #
 # Flags (every default of main_dino.py stays the original's; the demo chooses its own): no local crops, global crops
-# over 0.3-1 of the image, out_dim 256 with batch norm in the head, teacher temperature 0.02, teacher momentum 0.96
-# ending at 0.98 (an EMA over ~25-50 steps: at 0.99 the teacher lags the student in so short a run), a learning rate
-# ending at half its peak, no frozen last layer, no stochastic depth; bf16 where the CPU has bf16 matrix units, and
-# the per-pixel augmentation batched in the training process with one decoding worker, so that workers do not take
-# the training threads' cores.
+# over 0.3-1 of the image, out_dim 256 with batch norm in the head, teacher temperature 0.02, DINOv2's Sinkhorn-Knopp
+# in place of the center (with the center's EMA the teacher swung between one-hot and flat every ~100 steps, and
+# where a run ended on that swing depended on the machine), teacher momentum 0.96 ending at 0.98 (an EMA over
+# ~25-50 steps: at 0.99 the teacher lags the student in so short a run), a learning rate ending at half its peak, no
+# frozen last layer, no stochastic depth; bf16 where the CPU has bf16 units, and the per-pixel augmentation batched
+# in the training process with one decoding worker, so that workers do not take the training threads' cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +44,8 @@ rm -f "$DEMO_DIR/checkpoint.pth" "$DEMO_DIR/log.txt"  # a fresh run, not a resum
 start=$(date +%s)
 $PYTHON main_dino.py --arch vit_tiny --patch_size 7 --global_crops_size 28 --global_crops_scale 0.3 1 \
     --local_crops_number 0 --out_dim 256 --use_bn_in_head true --teacher_temp 0.02 --warmup_teacher_temp 0.02 \
-    --momentum_teacher 0.96 --momentum_teacher_end 0.98 --freeze_last_layer 0 --drop_path_rate 0 \
+    --centering sinkhorn_knopp --momentum_teacher 0.96 --momentum_teacher_end 0.98 --freeze_last_layer 0 \
+    --drop_path_rate 0 \
     --batch_size_per_gpu "$BATCH" --lr 0.002 --min_lr 0.000125 --epochs "$EPOCHS" --warmup_epochs 0.5 \
     $precision_flags --augmentation gpu --num_workers 1 --seed "$SEED" --saveckp_freq 0 \
     --data_path "$DATA_DIR/train" --knn_data_path "$DATA_DIR" --knn_freq 1 --knn_student "$KNN_STUDENT" \
