@@ -61,8 +61,8 @@ class DINO:
                 teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
                 if self.centering == "sinkhorn_knopp":
                     teacher_probs = self.dino_loss.sinkhorn_knopp_teacher(teacher_output, teacher_temp)
-                else:
-                    teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)  # centre, sharpen
+                else:  # the original's: centre, then sharpen
+                    teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)
             student_output = self.student(images)
             loss = self.dino_loss.cross_entropy(student_output, teacher_probs)
             if self.centering == "centering":

@@ -62,8 +62,8 @@ from dinolib.pictures import (  # noqa: F401
     PatchPCA, attention_mass_mask, attention_transform, border_patches, build_attention_backbone,
     cls_attention_maps, crop_to_patch_multiple, patch_features, pca_pictures, upsample_patches)
 from dinolib.process_group import (  # noqa: F401
-    _group_device, all_gather_cat, all_reduce_max, all_reduce_sum, barrier, get_rank, get_world_size, is_dist_avail_and_initialized,
-    is_main_process, print_main)
+    _group_device, all_gather_cat, all_reduce_max, all_reduce_sum, barrier, get_rank, get_world_size,
+    is_dist_avail_and_initialized, is_main_process, print_main)
 from dinolib.tar_index import (  # noqa: F401
     COMPRESSION_MAGIC, TAR_BLOCK, TAR_FILE_TYPES, TAR_NO_DATA_TYPES, TAR_SUFFIXES, TarMember, check_uncompressed_tar,
     infer_entries_command, is_tar_path, iter_tar_members, load_tar_entries, read_file_indices, tar_class_indices,
@@ -344,10 +344,12 @@ class DINOLoss(nn.Module):
         The matrix exp(teacher_output / teacher_temp), scaled to sum 1, is normalised n_iterations times, first
         per prototype (every process's rows summed) then per image. exp is taken after subtracting the maximum
         over all processes, a constant that the first normalisation removes: the result is DINOv2's, without its
-        overflow when logits / teacher_temp pass 88.
+        overflow when logits / teacher_temp pass 88. Values that would fall under fp32's smallest normal number
+        (logits spread by more than 87 x teacher_temp) are raised to it, so that no image's column is all zeros.
         """
         logits = teacher_output.float() / teacher_temp
-        q = torch.exp(logits - all_reduce_max(logits.max().reshape(1))).t()  # (K, N)
+        q = torch.exp(logits - all_reduce_max(logits.max().reshape(1))).clamp_min_(torch.finfo(torch.float32).tiny)
+        q = q.t()  # (K, N)
         n_prototypes, n_images = q.shape[0], q.shape[1] * get_world_size()
         q /= all_reduce_sum(q.sum().reshape(1))
         for _ in range(n_iterations):

@@ -18,7 +18,8 @@
 Every measurement prints one JSON line on stdout (everything else goes to stderr):
 - step: main_dino.DINO.train_step on random crops already on the device (variant lean), or the original code's step
   written out for comparison (variant original: explicit attention, a log-softmax per crop pair, per-parameter Python
-  loops for clipping and EMA with a host sync per parameter, non-fused AdamW, a host sync on the loss every step);
+  loops for clipping and EMA with a host sync per parameter, non-fused AdamW, a host sync on the loss every step).
+  All configurations of one arch and batch size are built first and timed interleaved (--rounds);
 - step_speedup: each lean step's images/s over the original's, measured in the same run, at the original's precision
   for the device (fp16 on CUDA, fp32 on a CPU);
 - aug_worker: images/s of one DataLoader worker (one CPU thread) for the cpu pipeline (the original's PIL
@@ -73,11 +74,17 @@ def get_args_parser():
     parser.add_argument("--augmentation", nargs="+", default=["gpu"], choices=["gpu", "cpu"],
                         help="main_dino --augmentation values for the data and e2e stages.")
     parser.add_argument("--out_dim", default=65536, type=int, help="DINO head output dimension.")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="Batch norm in the DINO head (main_dino's flag; make demo's step has it).")
+    parser.add_argument("--centering", default="centering", choices=["centering", "sinkhorn_knopp"],
+                        help="main_dino's --centering for our step (make demo's: sinkhorn_knopp); original: centering.")
     parser.add_argument("--global_crops_size", default=224, type=int)
     parser.add_argument("--local_crops_size", default=96, type=int)
     parser.add_argument("--local_crops_number", default=8, type=int)
     parser.add_argument("--iters", default=20, type=int, help="Timed iterations per measurement.")
     parser.add_argument("--warmup", default=5, type=int, help="Untimed iterations before (compilation, autotuning).")
+    parser.add_argument("--rounds", default=5, type=int, help="""The step stage interleaves its configurations:
+        each runs its share of --iters timed steps per round, in turn, for --rounds rounds (at most --iters).""")
     parser.add_argument("--num_workers", default=max(1, (os.cpu_count() or 2) - 1), type=int,
                         help="DataLoader workers for the data, e2e and knn_e2e stages.")
     parser.add_argument("--data_path", default="", type=str, help="""An ImageFolder of JPEGs to read; empty:
@@ -97,7 +104,8 @@ FLAG_DOMAINS = {
     **{name: main_dino.FLAG_DOMAINS[name] for name in ("patch_size", "batch_size_per_gpu", "out_dim",
                                                        "global_crops_size", "local_crops_size",
                                                        "local_crops_number", "num_workers", "knn_batch_size")},
-    "iters": utils.AT_LEAST_ONE, "warmup": utils.NON_NEGATIVE, "num_images": utils.AT_LEAST_ONE,
+    "iters": utils.AT_LEAST_ONE, "rounds": utils.AT_LEAST_ONE, "warmup": utils.NON_NEGATIVE,
+    "num_images": utils.AT_LEAST_ONE,
     "image_size": utils.Domain(low=8), "aug_worker_images": utils.AT_LEAST_ONE,
 }
 
@@ -127,15 +135,14 @@ def main(args):
             for batch_size in args.batch_size_per_gpu:
                 # ============ the training step on device tensors ... ============
                 if "step" in args.stages:
-                    steps = []
-                    for precision in args.precision:
-                        for compiled in args.compile:
-                            for variant in args.variant:
-                                if variant == "original" and compiled:
-                                    continue  # the original has no torch.compile
-                                train_args = training_args(args, arch, batch_size, precision, compiled, device)
-                                steps.append({**bench_step(train_args, args, variant), "variant": variant})
-                                emit(steps[-1], stage="step")
+                    configs = [(precision, compiled, variant) for precision in args.precision
+                               for compiled in args.compile for variant in args.variant
+                               if not (variant == "original" and compiled)]  # the original has no torch.compile
+                    steps = bench_steps([training_args(args, arch, batch_size, precision, compiled, device)
+                                         for precision, compiled, _ in configs],
+                                        [variant for _, _, variant in configs], args)
+                    for record in steps:
+                        emit(record, stage="step")
                     for record in speedups(steps, device):
                         emit(record, stage="step_speedup")
                 # ============ the augmentation ... ============
@@ -188,6 +195,7 @@ def training_args(args, arch, batch_size, precision, compiled, device, folder=""
     """main_dino's own arguments (its defaults) for one configuration, in one process."""
     train_args = main_dino.get_args_parser().parse_args([])
     train_args.arch, train_args.patch_size, train_args.out_dim = arch, args.patch_size, args.out_dim
+    train_args.use_bn_in_head, train_args.centering = args.use_bn_in_head, args.centering
     train_args.batch_size_per_gpu = batch_size
     train_args.global_crops_size, train_args.local_crops_size = args.global_crops_size, args.local_crops_size
     train_args.local_crops_number = args.local_crops_number
@@ -318,17 +326,36 @@ def pairwise_dino_loss(student_output, teacher_output, dino_loss):
     return total / terms
 
 
-def bench_step(train_args, args, variant) -> dict:
-    device = train_args.device
+def bench_steps(configs: list, variants: list, args) -> list:
+    """The step of every configuration, interleaved: after each one's warmup, --rounds rounds in which every
+    configuration runs its share of --iters in turn, so that a machine's drift (clock, neighbours) falls on all of
+    them alike. images_per_s is over all --iters timed steps; the record also gives each round's, to show the
+    spread."""
+    device = configs[0].device
     reset_memory(device)
     torch._dynamo.reset()
-    trainer = Trainer(train_args, fused=variant == "lean")
-    images = random_crops(train_args, device)
-    step = trainer.lean_step if variant == "lean" else trainer.original_step
-    seconds = timed(lambda: step(images), args.warmup, args.iters, device)
-    record = {**config(train_args), "images_per_s": round(train_args.batch_size_per_gpu / seconds, 1),
-              "peak_mem_gib": peak_memory_gib(device), "iters": args.iters}
-    return record
+    trainers = [Trainer(train_args, fused=variant == "lean") for train_args, variant in zip(configs, variants)]
+    steps = []
+    for trainer, train_args, variant in zip(trainers, configs, variants):
+        crops = random_crops(train_args, device)
+        step = trainer.lean_step if variant == "lean" else trainer.original_step
+        steps.append(lambda step=step, crops=crops: step(crops))
+        for _ in range(args.warmup):
+            steps[-1]()
+    rounds = min(args.rounds, args.iters)
+    per_round = [args.iters // rounds + (r < args.iters % rounds) for r in range(rounds)]  # --iters in all
+    seconds = [[0.0] * rounds for _ in configs]
+    for r, iters in enumerate(per_round):
+        for c, step in enumerate(steps):
+            seconds[c][r] = timed(step, 0, iters, device) * iters
+    records = []
+    for train_args, variant, round_seconds in zip(configs, variants, seconds):
+        b = train_args.batch_size_per_gpu
+        records.append({**config(train_args), "variant": variant,
+                        "images_per_s": round(b * sum(per_round) / sum(round_seconds), 1),
+                        "rounds_images_per_s": [round(b * n / t, 1) for n, t in zip(per_round, round_seconds)],
+                        "peak_mem_gib": peak_memory_gib(device), "iters": sum(per_round)})
+    return records
 
 
 def speedups(steps: list, device) -> list:
