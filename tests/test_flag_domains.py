@@ -143,6 +143,7 @@ BAD_VALUES = [
     ("bench_train", "--local_crops_size 0", "--local_crops_size 0: must be >= 1"),
     ("bench_train", "--local_crops_number -1", "--local_crops_number -1: must be >= 0"),
     ("bench_train", "--iters 0", "--iters 0: must be >= 1"),
+    ("bench_train", "--rounds 0", "--rounds 0: must be >= 1"),
     ("bench_train", "--warmup -1", "--warmup -1: must be >= 0"),
     ("bench_train", "--num_workers -1", "--num_workers -1: must be >= 0"),
     ("bench_train", "--num_images 0", "--num_images 0: must be >= 1"),
