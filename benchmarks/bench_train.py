@@ -31,7 +31,8 @@ Every measurement prints one JSON line on stdout (everything else goes to stderr
 - tar (only when asked for, --stages tar): main_dino's training DataLoader alone reading the JPEGs as files, then
   the same JPEGs from one tar (utils.TarImageDataset), same workers, the page cache dropped before each (as root;
   the record says whether it was).
-images_per_s counts images (not crops); peak_mem_gib is torch.cuda.max_memory_allocated (null on CPU).
+images_per_s counts images (not crops); peak_mem_gib is torch.cuda.max_memory_allocated (null on CPU), for a step
+configuration less what the configurations built before it hold.
 """
 import argparse
 import contextlib
@@ -334,14 +335,20 @@ def bench_steps(configs: list, variants: list, args) -> list:
     device = configs[0].device
     reset_memory(device)
     torch._dynamo.reset()
-    trainers = [Trainer(train_args, fused=variant == "lean") for train_args, variant in zip(configs, variants)]
-    steps = []
-    for trainer, train_args, variant in zip(trainers, configs, variants):
+    steps, peaks = [], []
+    for train_args, variant in zip(configs, variants):
+        # each configuration's own peak: its networks, optimizer state and warmup steps over what was there before
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        reset_memory(device)
+        trainer = Trainer(train_args, fused=variant == "lean")
         crops = random_crops(train_args, device)
         step = trainer.lean_step if variant == "lean" else trainer.original_step
         steps.append(lambda step=step, crops=crops: step(crops))
         for _ in range(args.warmup):
             steps[-1]()
+        synchronize(device)
+        peak = peak_memory_gib(device)
+        peaks.append(None if peak is None else round(peak - before / 2**30, 2))
     rounds = min(args.rounds, args.iters)
     per_round = [args.iters // rounds + (r < args.iters % rounds) for r in range(rounds)]  # --iters in all
     seconds = [[0.0] * rounds for _ in configs]
@@ -349,12 +356,12 @@ def bench_steps(configs: list, variants: list, args) -> list:
         for c, step in enumerate(steps):
             seconds[c][r] = timed(step, 0, iters, device) * iters
     records = []
-    for train_args, variant, round_seconds in zip(configs, variants, seconds):
+    for train_args, variant, round_seconds, peak in zip(configs, variants, seconds, peaks):
         b = train_args.batch_size_per_gpu
         records.append({**config(train_args), "variant": variant,
                         "images_per_s": round(b * sum(per_round) / sum(round_seconds), 1),
                         "rounds_images_per_s": [round(b * n / t, 1) for n, t in zip(per_round, round_seconds)],
-                        "peak_mem_gib": peak_memory_gib(device), "iters": sum(per_round)})
+                        "peak_mem_gib": peak, "iters": sum(per_round)})
     return records
 
 

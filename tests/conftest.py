@@ -92,6 +92,25 @@ def eval_data(tmp_path_factory):
     return make
 
 
+def _gloo_worker(rank, world_size, port, fn, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = fn(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_in_gloo_processes(fn, world_size=2):
+    """[fn(rank) for each rank], each run in its own process of one gloo process group; fn: a module-level
+    function (spawned processes import it by name)."""
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gloo_worker, args=(world_size, free_port(), fn, results), nprocs=world_size, join=True)
+        return [results[rank] for rank in range(world_size)]
+
+
 def free_port():
     """A loopback TCP port free at this moment, for a process group's rendezvous."""
     with socket.socket() as s:

@@ -274,6 +274,8 @@ def test_benchmark_runs_on_cpu_and_prints_json_lines():
     for r in records:
         assert r["images_per_s"] > 0 and r["device"] == "cpu" and r.get("peak_mem_gib") is None
     assert records[0]["crops"] == "2x32+2x16" and records[0]["batch_size"] == 4 and records[0]["autocast"] is None
+    # --iters 2 under the default 5 rounds: 2 interleaved rounds of one step each, for both variants
+    assert [len(r["rounds_images_per_s"]) for r in records[:2]] == [2, 2] and records[0]["iters"] == 2
     assert records[-1]["images"] == 16
 
 

@@ -7,12 +7,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 
 import utils
-from conftest import free_port, make_image_folder
+from conftest import make_image_folder, run_in_gloo_processes
 from vision_transformer import build_model
 
 # ============ schedules ============
@@ -94,24 +93,17 @@ def test_dino_loss_forward_is_algorithm_1_in_its_three_methods():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def _center_worker(rank, world_size, port, results):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _center_of_rank(rank):
     torch.manual_seed(rank)
     teacher = torch.randn(4, 5) + rank
     loss_fn = utils.DINOLoss(5, 2, 0.04, 0.04, 0, 1)
     loss_fn.update_center(teacher)
-    results[rank] = (teacher, loss_fn.center.clone())
-    dist.destroy_process_group()
+    return teacher, loss_fn.center.clone()
 
 
 @pytest.mark.slow
 def test_center_is_the_mean_over_all_processes():
-    port = free_port()
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_center_worker, args=(2, port, results), nprocs=2, join=True)
-        (t0, c0), (t1, c1) = results[0], results[1]
+    (t0, c0), (t1, c1) = run_in_gloo_processes(_center_of_rank)
     expected = 0.1 * torch.cat([t0, t1]).mean(0, keepdim=True)
     torch.testing.assert_close(c0, expected)
     torch.testing.assert_close(c1, expected)
