@@ -1,10 +1,11 @@
 """Vision Transformer backbones (DINO's and DINOv2's) and the DINO projection head.
 
 The module is self-contained, ordered bottom-up: drop path, MLP (and DINOv2's SwiGLU),
-layer scale, attention, block, patch embedding, the ViT itself, DINOv2's ViT, the DINO
-head, then `build_model`, the one builder every script uses. State-dict keys are those
-of the original DINO code and of DINOv2's published backbones, so both sets of
-published weights load with strict=True and our checkpoints load there.
+layer scale, attention, block, patch embedding, the ViT itself, DINOv2's ViT, HIPT's
+region ViT, the DINO head, then `build_model`, the one builder every script uses.
+State-dict keys are those of the original DINO code, of DINOv2's published backbones and
+of HIPT's vit4k_xs, so the published weights load with strict=True and our checkpoints
+load there.
 
     >>> from vision_transformer import build_model
     >>> backbone = build_model("vit_small", patch_size=16)
@@ -331,6 +332,103 @@ DINOV2_ARCHS.update({f"{name}_reg": partial(build, num_register_tokens=DINOV2_NU
                      for name, build in list(DINOV2_ARCHS.items())})
 
 
+# ============ HIPT's region ViT ============
+
+REGION_IN_DIM = 384  # features per tile in HIPT: the [CLS] of its tile encoder, a ViT-S/16
+REGION_GRID = 14  # cells per side of HIPT's position embedding (its img_size 224 // 16)
+
+
+class RegionVisionTransformer(nn.Module):
+    """HIPT's ViT-4K (Chen et al., CVPR 2022): a ViT whose tokens are the cells of a grid of tile features.
+
+    Input (B, in_dim, H, W): cell (r, c) holds the tile encoder's [CLS] of the region's tile in row r,
+    column c. The cells are read row by row, each embedded by phi (Linear, GELU, Dropout), [CLS] is
+    prepended and the position embedding of a 14 x 14 grid added, resized for other grids by DINO's
+    rule (bicubic, scale factors (H + 0.1) / 14 and (W + 0.1) / 14). forward returns the normed [CLS].
+    The state-dict keys are those of HIPT's vit4k_xs: its published weights load strictly.
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(self, in_dim: int = REGION_IN_DIM, embed_dim: int = 192, depth: int = 6, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.in_dim = in_dim
+        self.num_features = self.embed_dim = embed_dim
+        # HIPT's dropout rate is 0; the Dropout is kept so that phi is HIPT's module, Linear at index 0
+        self.phi = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.Dropout(0.0))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, REGION_GRID ** 2 + 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i])
+                                    for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # no classifier, as HIPT's num_classes=0
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Position embedding (1, 1 + h * w, D) for the tokens x of an h x w grid, in x's dtype: the 14 x 14
+        grid's own for a square grid of 196 cells, else resized by resize_pos_embed (DINO's rule, HIPT's too)."""
+        if x.shape[1] == self.pos_embed.shape[1] and h == w:
+            return self.pos_embed
+        cells = resize_pos_embed(self.pos_embed[:, 1:], h, w)
+        return torch.cat((self.pos_embed[:, :1].float(), cells), dim=1).to(x.dtype)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim, H, W) grids to (B, 1 + H * W, D) tokens: [CLS], then cell (r, c) at 1 + r * W + c."""
+        B, dim, h, w = x.shape
+        if dim != self.in_dim:
+            raise ValueError(f"grid of {dim} features per cell; this model takes {self.in_dim} (--region_in_dim)")
+        x = self.phi(x.flatten(2).transpose(1, 2))  # (B, H * W, D), row-major
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + H * W, D)
+        return x + self.interpolate_pos_encoding(x, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the last block over all tokens, (B, heads, 1 + H * W, 1 + H * W)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list:
+        """Normed outputs of all tokens (B, 1 + H * W, D) of the last n blocks."""
+        x = self.prepare_tokens(x)
+        output = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                output.append(self.norm(x))
+        return output
+
+
+class RegionMeanPool(nn.Module):
+    """The bag-of-tiles baseline, no region model: a region's feature is the mean of its tile features."""
+
+    def __init__(self, in_dim: int = REGION_IN_DIM):
+        super().__init__()
+        self.num_features = self.embed_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))  # (B, in_dim, H, W) -> (B, in_dim)
+
+
+def vit4k_xs(in_dim: int = REGION_IN_DIM, **kwargs) -> RegionVisionTransformer:
+    """HIPT's vit4k_xs: 192-d tokens, 6 blocks of 6 heads, on grids of in_dim-d tile features."""
+    return RegionVisionTransformer(in_dim=in_dim, embed_dim=192, depth=6, num_heads=6, **kwargs)
+
+
+REGION_ARCHS = {"vit4k_xs": vit4k_xs}
+
+
 # ============ DINO head ============
 
 class WeightNormLinear(nn.Module):
@@ -407,14 +505,18 @@ def torchvision_arch_names() -> list:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.0) -> nn.Module:
+def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.0,
+                region_in_dim: int = REGION_IN_DIM) -> nn.Module:
     """Backbone without classifier for `arch`; its feature size is `model.embed_dim`.
 
     ViTs (vit_tiny/small/base, deit_* aliases; patch_size None: 16), DINOv2's ViTs
     (dinov2_vits14, _vitb14, _vitl14, _vitg14 and each with _reg; their patch size is 14),
+    HIPT's region ViT vit4k_xs (on grids of region_in_dim-d tile features; no patches),
     any torchvision classification model (classifier replaced by identity) or an XCiT model
     from the facebookresearch/xcit hub, which is only contacted here, when such a name is asked for.
     """
+    if arch in REGION_ARCHS:  # its tokens are grid cells: patch_size does not apply
+        return REGION_ARCHS[arch](in_dim=region_in_dim, drop_path_rate=drop_path_rate)
     if arch in VIT_ARCHS:
         return VIT_ARCHS[arch](patch_size=patch_size or 16, drop_path_rate=drop_path_rate)
     if arch in DINOV2_ARCHS:
@@ -436,7 +538,8 @@ def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.
         model.embed_dim = _drop_classifier(model, arch)
         return model
     raise UnknownArchError(f"unknown --arch {arch!r}; valid: {', '.join(VIT_ARCHS)}, {', '.join(DINOV2_ARCHS)}, "
-                           f"xcit_* (facebookresearch/xcit hub), or a torchvision model: {', '.join(names)}")
+                           f"{', '.join(REGION_ARCHS)} (on region feature grids), xcit_* (facebookresearch/xcit hub), "
+                           f"or a torchvision model: {', '.join(names)}")
 
 
 def _drop_classifier(model: nn.Module, arch: str) -> int:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from dinolib.errors import InputError
 from dinolib.optim import is_regularized
 from dinolib.process_group import is_main_process, print_main
-from vision_transformer import DINOV2_ARCHS, DINOV2_NUM_REGISTERS, DINOV2_PATCH_SIZE, VIT_ARCHS
+from vision_transformer import DINOV2_ARCHS, DINOV2_NUM_REGISTERS, DINOV2_PATCH_SIZE, REGION_ARCHS, VIT_ARCHS
 
 
 PUBLISHED_URL = "https://dl.fbaipublicfiles.com/dino/"
@@ -31,9 +31,18 @@ PUBLISHED_BACKBONES = {
 DINOV2_PUBLISHED_URL = "https://dl.fbaipublicfiles.com/dinov2/"
 
 
+# HIPT's published checkpoints (Chen et al., CVPR 2022), kept in its repository with Git LFS; full DINO checkpoints
+# whose weights are under the key "teacher". The tile encoder is a vit_small/16; the region model's tiles are its [CLS].
+HIPT_PUBLISHED_URL = "https://github.com/mahmoodlab/HIPT/raw/master/HIPT_4K/Checkpoints/"
+HIPT_TILE_WEIGHTS_URL = HIPT_PUBLISHED_URL + "vit256_small_dino.pth"
+HIPT_REGION_WEIGHTS = {"vit4k_xs": "vit4k_xs_dino.pth"}
+
+
 def published_weights_url(arch: str, patch_size: int) -> str:
-    """URL of the published DINO backbone for arch and patch size, or of DINOv2's for a dinov2 arch; InputError when
-    there is none."""
+    """URL of the published DINO backbone for arch and patch size, of DINOv2's for a dinov2 arch, of HIPT's for a
+    region arch; InputError when there is none."""
+    if arch in REGION_ARCHS:
+        return HIPT_PUBLISHED_URL + HIPT_REGION_WEIGHTS[arch]
     if arch in DINOV2_ARCHS:
         model = arch.removesuffix("_reg")
         registers = f"_reg{DINOV2_NUM_REGISTERS}" if arch.endswith("_reg") else ""
@@ -181,7 +190,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
         source = pretrained_weights
     else:
         url = url or published_weights_url(arch, patch_size)
-        family = "DINOv2" if url.startswith(DINOV2_PUBLISHED_URL) else "DINO"
+        family = "DINOv2" if url.startswith(DINOV2_PUBLISHED_URL) else \
+            "HIPT" if url.startswith(HIPT_PUBLISHED_URL) else "DINO"
         print_main(f"No --pretrained_weights given: using the published {family} weights {url}")
         state_dict = download_weights(url)
         source = url
@@ -343,4 +353,6 @@ def published_linear_weights_url(arch: str, patch_size: int) -> str:
     if arch in DINOV2_ARCHS:  # DINOv2's linear heads read other features, in another layout
         raise InputError(f"--arch {arch}: no published linear classifier in this layout for DINOv2 backbones; "
                          f"give --linear_weights")
+    if arch in REGION_ARCHS:
+        raise InputError(f"--arch {arch}: HIPT published no linear classifier; give --linear_weights")
     return published_weights_url(arch, patch_size).replace("_pretrain.pth", "_linearweights.pth")
