@@ -6,6 +6,8 @@
     torchrun --nproc_per_node=8 main_dino.py --arch vit_small --data_path /path/to/imagenet/train \
         --output_dir /path/to/saving_dir
     # the 2-minute CPU demo on Fashion-MNIST: see `make demo`
+    # HIPT's region-level DINO on folders of tile-feature grids (tools/extract_region_features.py writes them)
+    python main_dino.py --arch vit4k_xs --data_path /path/to/region_features --output_dir /path/to/saving_dir
 
 Training resumes from output_dir/checkpoint.pth when it exists.
 """
@@ -25,6 +27,7 @@ import utils
 from vision_transformer import DINOHead, build_model
 
 PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+CROPS_SIZE = (224, 96)  # --global_crops_size and --local_crops_size when not given (region archs: 14 and 6 cells)
 
 
 class DINO:
@@ -128,8 +131,9 @@ class DINO:
 
 def build_networks(args, dist_env: utils.Distributed):
     """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
-    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
-    teacher = build_model(args.arch, patch_size=args.patch_size)
+    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
+                          region_in_dim=args.region_in_dim)
+    teacher = build_model(args.arch, patch_size=args.patch_size, region_in_dim=args.region_in_dim)
     embed_dim = student.embed_dim
     student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                                                        norm_last_layer=args.norm_last_layer))
@@ -255,12 +259,13 @@ def check_losses_finite(losses: torch.Tensor, args) -> None:
 
 def main(args):
     args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
+    args = utils.resolve_crop_sizes(args, CROPS_SIZE)  # in cells for a region arch
     check_args(args)  # before the rendezvous: a typo must not wait for every process of the job to connect
     dist_env = utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)
-    # batching the per-pixel augmentation steps pays where a GPU runs them
+    # batching the per-pixel augmentation steps pays where a GPU runs them; region grids have no per-pixel steps
     augmentation = args.augmentation if args.augmentation != "auto" else \
-        "gpu" if dist_env.device.type == "cuda" else "cpu"
+        "gpu" if dist_env.device.type == "cuda" and not utils.is_region_arch(args.arch) else "cpu"
     utils.print_main(utils.git_description())
     utils.print_main("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     utils.print_main(f"augmentation on: {augmentation}")
@@ -328,14 +333,20 @@ def main(args):
 
 def build_data_loader(args, dist_env: utils.Distributed, augmentation: str):
     """Workers yield crops ready for the network (augmentation cpu) or uint8 crops and their random parameters,
-    which utils.MultiCropOnDevice turns into the same crops on the device (augmentation gpu)."""
-    crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-                 args.local_crops_size)
-    if augmentation == "gpu":
-        transform = utils.MultiCropGeometry(*crop_args)
+    which utils.MultiCropOnDevice turns into the same crops on the device (augmentation gpu). A region arch reads
+    grids of tile features and crops them as HIPT does (utils.RegionMultiCrop)."""
+    if utils.is_region_arch(args.arch):
+        transform = utils.RegionMultiCrop(args.global_crops_size, args.local_crops_size, args.local_crops_number)
+        crops = [args.global_crops_size] + ([args.local_crops_size] if args.local_crops_number else [])
+        dataset = utils.RegionFeatureDataset(args.data_path, args.region_in_dim, transform, min_side=max(crops))
     else:
-        transform = utils.DataAugmentationDINO(*crop_args)
-    dataset = utils.image_dataset(args.data_path, transform=transform)  # an ImageFolder, or a tar with its entries
+        crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+                     args.local_crops_size)
+        if augmentation == "gpu":
+            transform = utils.MultiCropGeometry(*crop_args)
+        else:
+            transform = utils.DataAugmentationDINO(*crop_args)
+        dataset = utils.image_dataset(args.data_path, transform=transform)  # an ImageFolder, or a tar with its entries
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_env.world_size, rank=dist_env.rank,
                                                   shuffle=True, seed=args.seed)
     data_loader = torch.utils.data.DataLoader(
@@ -361,9 +372,13 @@ def build_knn_loaders(args, dist_env: utils.Distributed):
     workers persist between epochs: starting them again each time would cost more than a small split's pass."""
     if not args.knn_data_path:
         return None
-    transform = utils.eval_transform(args.resize_size, args.crop_size)
+    if utils.is_region_arch(args.arch):  # the region [CLS] of whole grids
+        datasets = utils.build_region_eval_datasets(args.knn_data_path, args.region_in_dim)
+    else:
+        transform = utils.eval_transform(args.resize_size, args.crop_size)
+        datasets = utils.build_eval_datasets(args.knn_data_path, transform, transform)
     return tuple(utils.feature_loader(dataset, args.knn_batch_size, args.num_workers, dist_env.device, persistent=True)
-                 for dataset in utils.build_eval_datasets(args.knn_data_path, transform, transform))
+                 for dataset in datasets)
 
 
 def knn_due(epoch: int, knn_loaders, args) -> bool:
@@ -432,6 +447,7 @@ def get_args_parser():
 
     # Model parameters
     utils.add_model_args(parser, patch_size=PATCH_SIZE)
+    utils.add_region_args(parser)
     parser.add_argument("--out_dim", default=65536, type=int, help="""Output size of the DINO head (number of
         prototypes). Large values such as 65536 suit large, varied datasets like ImageNet; small ones need fewer.""")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag, help="""Fix the norm of the
@@ -495,15 +511,19 @@ def get_args_parser():
     # Multi-crop parameters
     parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.4, 1.), help="""Range of the
         area fraction of the image covered by the 2 global crops before resizing. Without local crops
-        (--local_crops_number 0) a wider range such as 0.14 1 works better.""")
+        (--local_crops_number 0) a wider range such as 0.14 1 works better. Images only: the crops of a region
+        arch's grids are of fixed size (--global_crops_size), not a share of the grid.""")
     parser.add_argument("--local_crops_number", type=int, default=8, help="""Number of small local crops per
         image (multi-crop); 0 disables multi-crop.""")
     parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4), help="""Range of the
-        area fraction of the image covered by each local crop before resizing.""")
-    parser.add_argument("--global_crops_size", type=int, default=224,
-                        help="Side in pixels of the global crops (224 for ImageNet; smaller for small images).")
-    parser.add_argument("--local_crops_size", type=int, default=96,
-                        help="Side in pixels of the local crops (96 for ImageNet).")
+        area fraction of the image covered by each local crop before resizing. Images only: it does not apply to a
+        region arch's grids, whose crops are of fixed size (--local_crops_size).""")
+    parser.add_argument("--global_crops_size", type=int, default=None, help=f"""Side in pixels of the global crops
+        (default {CROPS_SIZE[0]}, ImageNet's; smaller for small images). For a region arch (vit4k_xs), in grid cells:
+        default {utils.REGION_CROPS_SIZE[0]}, HIPT's crop of its 16 x 16 grids.""")
+    parser.add_argument("--local_crops_size", type=int, default=None, help=f"""Side in pixels of the local crops
+        (default {CROPS_SIZE[1]}, ImageNet's). For a region arch, in grid cells: default {utils.REGION_CROPS_SIZE[1]},
+        HIPT's.""")
     parser.add_argument("--augmentation", default="auto", choices=["auto", "gpu", "cpu"], help="""Where the
         multi-crop augmentation runs. cpu: the original per-image PIL pipeline in the DataLoader workers. gpu:
         workers only decode and cut the crops; flip, colour jitter, grayscale, blur, solarization and normalisation
@@ -527,7 +547,9 @@ def get_args_parser():
     # Misc
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
                         help="""Folder of training images, one subfolder per class (the classes are not used), or an
-        uncompressed .tar of them indexed by tools/infer_entries.py (D/pretrain_dataset.tar).""")
+        uncompressed .tar of them indexed by tools/infer_entries.py (D/pretrain_dataset.tar). For a region arch, a
+        folder of region files ([n_tiles, --region_in_dim] tensors, tools/extract_region_features.py), with or
+        without class subfolders.""")
     parser.add_argument("--output_dir", default=".", type=str, help="Where checkpoints and log.txt are written.")
     parser.add_argument("--saveckp_freq", default=20, type=int,
                         help="Keep a copy of the checkpoint every x epochs (0: never).")
@@ -540,6 +562,7 @@ def get_args_parser():
 
 FLAG_DOMAINS = {
     **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    **utils.REGION_FLAG_DOMAINS,
     "out_dim": utils.AT_LEAST_ONE, "momentum_teacher": utils.Domain(0, 1),
     "momentum_teacher_end": utils.Domain(0, 1),
     "warmup_teacher_temp": utils.POSITIVE, "teacher_temp": utils.POSITIVE,
@@ -558,8 +581,11 @@ FLAG_DOMAINS = {
 
 def check_args(args) -> None:
     """One-line errors for flag values that would otherwise fail deep inside training."""
-    args = utils.resolve_patch_size(args, PATCH_SIZE)
+    args = utils.resolve_crop_sizes(utils.resolve_patch_size(args, PATCH_SIZE), CROPS_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
+    if utils.is_region_arch(args.arch) and args.augmentation == "gpu":
+        raise utils.InputError(f"--augmentation gpu: {args.arch} trains on grids of tile features, which have no "
+                               f"per-pixel steps; their crops and flips are cut in the data-loading workers")
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(args, name)
         if len(scale) != 2 or not scale[0] <= scale[1]:

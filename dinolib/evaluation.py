@@ -53,14 +53,19 @@ def build_eval_datasets(data_path: str, train_transform, val_transform, need_tra
     if not need_train:
         return None, val
     train = _eval_image_folder(splits["train"], train_transform)
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise InputError(f"--data_path {data_path}: val/ has other classes than train/ (train/ {len(train.classes)}, "
-                         f"val/ {len(val.classes)}; only in train/: {', '.join(only_train[:5]) or '-'}"
+    check_same_classes(data_path, train.classes, val.classes)
+    return train, val
+
+
+def check_same_classes(data_path: str, train_classes: list, val_classes: list) -> None:
+    """One line naming the classes that only one split has, when train/ and val/ do not have the same classes."""
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise InputError(f"--data_path {data_path}: val/ has other classes than train/ (train/ {len(train_classes)}, "
+                         f"val/ {len(val_classes)}; only in train/: {', '.join(only_train[:5]) or '-'}"
                          f"{' ...' if len(only_train) > 5 else ''}; only in val/: {', '.join(only_val[:5]) or '-'}"
                          f"{' ...' if len(only_val) > 5 else ''})")
-    return train, val
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):

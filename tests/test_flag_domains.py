@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("main_dino", "--saveckp_freq -1", "--saveckp_freq -1: must be >= 0"),
     ("main_dino", "--seed -1", "--seed -1: must be >= 0"),
     ("main_dino", "--log_freq 0", "--log_freq 0: must be >= 1"),
+    ("main_dino", "--region_in_dim 0", "--region_in_dim 0: must be >= 1"),
     ("main_dino", "--num_workers -1", "--num_workers -1: must be >= 0"),
     ("main_dino", "--local_rank -1", "--local_rank -1: must be >= 0"),
     ("main_dino", "--local-rank -2", "--local_rank -2: must be >= 0"),
@@ -197,6 +198,7 @@ def test_defaults_pass(name, tmp_path, image_folder):
     ("main_dino", "--warmup_epochs 0 --warmup_teacher_temp_epochs 0 --weight_decay 0 --weight_decay_end 0"),
     ("main_dino", "--epochs 1 --warmup_epochs 1 --batch_size_per_gpu 1 --out_dim 1 --log_freq 1"),
     ("main_dino", "--lr 1e-12 --teacher_temp 1e-6 --warmup_teacher_temp 1e-6"),
+    ("main_dino", "--arch vit4k_xs --region_in_dim 1 --global_crops_size 1 --local_crops_size 1"),
     ("eval_knn", "--nb_knn 1 --temperature 1e-4"),
     ("eval_knn", "--resize_size 32 --crop_size 64"),  # a crop larger than the resized image is padded
     ("eval_linear", "--num_labels 1 --n_last_blocks 1 --train_crop_scale 1 1"),

@@ -171,3 +171,261 @@ def test_published_weights_of_a_region_arch_are_hipts():
         "https://github.com/mahmoodlab/HIPT/raw/master/HIPT_4K/Checkpoints/vit4k_xs_dino.pth"
     with pytest.raises(utils.InputError, match="HIPT published no linear classifier"):
         utils.published_linear_weights_url("vit4k_xs", None)
+
+
+# ============ region files and their dataset ============
+
+def save_region(path, features) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(features, path)
+    return str(path)
+
+
+def region(side: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(side * side, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_region_grid_reads_the_tiles_row_major():
+    """HIPT's format: tile (r, c) of a rows x cols region is row r * cols + c of the file; the grid has it at [:, r, c]."""
+    side, dim = 3, 4
+    features = torch.tensor([[10.0 * i + d for d in range(dim)] for i in range(side * side)])
+    grid = utils.region_grid(features, dim)
+    assert grid.shape == (dim, side, side) and grid.dtype == torch.float32
+    for r in range(side):
+        for c in range(side):
+            assert grid[:, r, c].tolist() == [10.0 * (r * side + c) + d for d in range(dim)]
+    assert utils.region_grid(features.half(), dim).dtype == torch.float32
+
+
+def test_dataset_with_and_without_class_subfolders(tmp_path):
+    for c in ("b_shirts", "a_shoes"):
+        for i in range(2):
+            save_region(tmp_path / "classes" / c / f"r{i}.pt", region(4, 8, i))
+    labelled = utils.RegionFeatureDataset(str(tmp_path / "classes"), 8)
+    assert labelled.classes == ["a_shoes", "b_shirts"] and labelled.targets == [0, 0, 1, 1]
+    grid, target = labelled[2]
+    assert target == 1 and torch.equal(grid, utils.region_grid(region(4, 8, 0), 8)) and labelled.side == 4
+    for i in range(3):
+        save_region(tmp_path / "flat" / f"r{i}.pt", region(4, 8, i))
+    flat = utils.RegionFeatureDataset(str(tmp_path / "flat"), 8)
+    assert flat.classes == ["0"] and flat.targets == [0, 0, 0] and len(flat) == 3
+
+
+def test_bad_region_files_are_skipped_named_once_and_counted(tmp_path, capsys):
+    root = tmp_path / "regions"
+    save_region(root / "a_good.pt", region(4, 8, 0))
+    bad = {"b_not_square.pt": region(3, 8, 1)[:8],  # 8 tiles
+           "c_dict.pt": {"features": region(4, 8, 2)},
+           "d_namespace.pt": argparse.Namespace(x=1),  # weights_only refuses to unpickle it
+           "e_ints.pt": torch.ones(16, 8, dtype=torch.long),
+           "f_other_side.pt": region(5, 8, 3),
+           "g_other_width.pt": region(4, 6, 4)}
+    for name, value in bad.items():
+        save_region(root / name, value)
+    (root / "h_corrupt.pt").write_bytes(b"not a zip file at all")
+    save_region(root / "i_good.pt", region(4, 8, 5))
+    dataset = utils.RegionFeatureDataset(str(root), 8)
+    served = [dataset[i][0] for i in range(len(dataset))]
+    assert dataset.num_skipped() == 7
+    # a skipped file is replaced by the next readable one
+    assert torch.equal(served[1], utils.region_grid(region(4, 8, 5), 8))
+    assert torch.equal(served[0], utils.region_grid(region(4, 8, 0), 8))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(lines) == 7  # once per file, though several reads met it
+    expected = {"b_not_square.pt": "[8, 8]: 8 tiles are not a square grid",
+                "c_dict.pt": "holds a dict, not a tensor [n_tiles, 8]",
+                "d_namespace.pt": "not readable by torch.load with weights_only (UnpicklingError",
+                "e_ints.pt": "a int64 tensor [16, 8], not a float tensor [n_tiles, 8]",
+                "f_other_side.pt": "[25, 8]: a 5x5 grid, the other regions' are 4x4",
+                "g_other_width.pt": "[16, 6]: 6 features per tile, --region_in_dim is 8",
+                "h_corrupt.pt": "not readable by torch.load with weights_only"}
+    for name, reason in expected.items():
+        line = next(line for line in lines if f"{root / name}:" in line)
+        assert line.startswith(f"WARNING: skipping region file {root / name}: {reason}"), line
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("first_width", r"a_first.pt: \[16, 6\]: 6 features per tile, --region_in_dim is 8 \(the width of the tile "
+                    r"encoder that wrote it\)"),
+    ("small", r"a_first.pt: a 4x4 grid of tiles, smaller than the 5x5 crops"),
+    ("mixed", r"\.pt files beside subfolders \(sub/\): put every region in a class subfolder, or none"),
+    ("empty_class", r"class folder empty/ holds no \.pt file"),
+    ("none", r"no \.pt files \(tools/extract_region_features.py writes them\)"),
+    ("all_bad", r"no readable region file"),
+    ("missing", r"no such folder"),
+])
+def test_what_cannot_train_is_refused_in_one_line(tmp_path, setup, message):
+    root = tmp_path / "regions"
+    root.mkdir()
+    if setup == "first_width":
+        save_region(root / "a_first.pt", region(4, 6, 0))
+        save_region(root / "b.pt", region(4, 8, 1))
+    elif setup == "small":
+        save_region(root / "a_first.pt", region(4, 8, 0))
+    elif setup == "mixed":
+        save_region(root / "a.pt", region(4, 8, 0))
+        save_region(root / "sub" / "b.pt", region(4, 8, 0))
+    elif setup == "empty_class":
+        save_region(root / "full" / "b.pt", region(4, 8, 0))
+        (root / "empty").mkdir()
+    elif setup == "none":
+        (root / "notes.txt").write_text("no regions")
+    elif setup == "all_bad":
+        save_region(root / "a.pt", region(3, 8, 0)[:5])
+    elif setup == "missing":
+        root = tmp_path / "nowhere"
+    with pytest.raises(utils.InputError, match=message) as e:
+        utils.RegionFeatureDataset(str(root), 8, min_side=5 if setup == "small" else 1)
+    assert "\n" not in str(e.value)
+
+
+# ============ the region multi-crop ============
+
+def test_region_crops_are_windows_of_the_grid_flipped_half_the_time():
+    """Each crop is the grid's window of the crop's size at some (top, left), or that window flipped left-right;
+    over many draws every position occurs and about half the crops are flipped (HIPT: RandomCrop, then
+    RandomHorizontalFlip p 0.5)."""
+    dim, side, g, l, n_local = 3, 8, 6, 3, 4
+    grid = torch.tensor([[[1000.0 * d + 10 * r + c for c in range(side)] for r in range(side)] for d in range(dim)])
+    augment = utils.RegionMultiCrop(g, l, n_local)
+    torch.manual_seed(0)
+    seen = {g: set(), l: set()}
+    flips = {g: 0, l: 0}
+    draws = 300
+    for _ in range(draws):
+        crops = augment(grid)
+        assert [tuple(c.shape) for c in crops] == [(dim, g, g)] * 2 + [(dim, l, l)] * n_local
+        for crop in crops:
+            size = crop.shape[-1]
+            flipped = crop[0, 0, 0] > crop[0, 0, -1]  # values grow with the column
+            window = crop.flip(-1) if flipped else crop
+            top, left = int(window[0, 0, 0]) // 10, int(window[0, 0, 0]) % 10
+            assert torch.equal(window, grid[:, top:top + size, left:left + size])
+            seen[size].add((top, left))
+            flips[size] += int(flipped)
+    assert seen[g] == {(t, c) for t in range(side - g + 1) for c in range(side - g + 1)}
+    assert seen[l] == {(t, c) for t in range(side - l + 1) for c in range(side - l + 1)}
+    assert 0.4 < flips[g] / (2 * draws) < 0.6 and 0.4 < flips[l] / (n_local * draws) < 0.6
+
+
+# ============ main_dino.py with a region arch ============
+
+def test_crop_sizes_count_cells_for_a_region_arch_and_the_other_defaults_are_hipts():
+    import main_dino
+    parser = main_dino.get_args_parser()
+    region = utils.resolve_crop_sizes(parser.parse_args(["--arch", "vit4k_xs"]), main_dino.CROPS_SIZE)
+    assert (region.global_crops_size, region.local_crops_size) == (14, 6)
+    image = utils.resolve_crop_sizes(parser.parse_args([]), main_dino.CROPS_SIZE)
+    assert (image.global_crops_size, image.local_crops_size) == (224, 96)
+    given = utils.resolve_crop_sizes(parser.parse_args(["--arch", "vit4k_xs", "--global_crops_size", "7",
+                                                        "--local_crops_size", "3"]), main_dino.CROPS_SIZE)
+    assert (given.global_crops_size, given.local_crops_size) == (7, 3)
+    # HIPT's main_dino4k defaults, as REFERENCE.md lists them
+    hipt = {"out_dim": 65536, "norm_last_layer": True, "momentum_teacher": 0.996, "teacher_temp": 0.04,
+            "warmup_teacher_temp_epochs": 0, "use_fp16": True, "weight_decay": 0.04, "weight_decay_end": 0.4,
+            "clip_grad": 3.0, "batch_size_per_gpu": 64, "epochs": 100, "freeze_last_layer": 1, "lr": 0.0005,
+            "warmup_epochs": 10, "min_lr": 1e-6, "drop_path_rate": 0.1, "local_crops_number": 8,
+            "region_in_dim": 384}
+    assert {k: getattr(region, k) for k in hipt} == hipt
+    helps = {a.dest: " ".join(a.help.split()) for a in parser._actions}  # what --help prints for each flag
+    for flag in ("global_crops_scale", "local_crops_scale"):
+        assert "Images only: " in helps[flag] and "region arch" in helps[flag]
+    assert "For a region arch (vit4k_xs), in grid cells: default 14" in helps["global_crops_size"]
+    assert "For a region arch, in grid cells: default 6" in helps["local_crops_size"]
+    main_dino.check_args(parser.parse_args(["--arch", "vit4k_xs", "--patch_size", "300"]))  # no patches
+    with pytest.raises(utils.InputError, match="--augmentation gpu: vit4k_xs trains on grids of tile features"):
+        main_dino.check_args(parser.parse_args(["--arch", "vit4k_xs", "--augmentation", "gpu"]))
+
+
+def write_region_folders(root, dim=16, side=8, n_train=16) -> tuple:
+    """root/train: n_train unlabelled regions and one that is not a square grid; root/knn/{train,val}: 2 classes of
+    regions whose features lean one way per class."""
+    for i in range(n_train):
+        save_region(root / "train" / f"r{i:02d}.pt", region(side, dim, i))
+    save_region(root / "train" / "zz_bad.pt", region(side, dim, 99)[:10])
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(2):
+            for i in range(n):
+                save_region(root / "knn" / split / f"class{c}" / f"r{i}.pt", region(side, dim, 100 + i) + 2 * c)
+    return str(root / "train"), str(root / "knn")
+
+
+def region_training_args(data, knn, out, epochs):
+    return ["main_dino.py", "--arch", "vit4k_xs", "--region_in_dim", 16, "--global_crops_size", 6,
+            "--local_crops_size", 3, "--local_crops_number", 2, "--out_dim", 64, "--batch_size_per_gpu", 4,
+            "--epochs", epochs, "--warmup_epochs", 1, "--log_freq", 1, "--num_workers", 0, "--data_path", data,
+            "--knn_data_path", knn, "--knn_k", 3, "--output_dir", out]
+
+
+@pytest.mark.slow
+def test_region_training_skips_bad_files_monitors_knn_and_resumes(tmp_path):
+    """Two runs of main_dino.py --arch vit4k_xs: epoch 0, then the same command with --epochs 2 resumes at epoch 1,
+    with the learning rate of epoch 1 (written out from the cosine schedule: it continued, it did not restart)."""
+    import json
+    from conftest import run_script
+    data, knn = write_region_folders(tmp_path)
+    out = tmp_path / "out"
+    first = run_script(region_training_args(data, knn, out, 1))
+    assert f"skipping region file {data}/zz_bad.pt: [10, 16]: 10 tiles are not a square grid" in first.stderr
+    assert "global_crops_size: 6" in first.stdout and "augmentation on: cpu" in first.stdout
+    second = run_script(region_training_args(data, knn, out, 2))
+    assert "Found checkpoint" in second.stdout
+    log = [json.loads(line) for line in open(out / "log.txt")]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["skipped_images"] == 1 for r in log)
+    assert "knn_top1_init" in log[0] and all(0 <= r["knn_top1"] <= 100 for r in log)
+    niter = 16 // 4  # 17 files, one skipped and replaced: 4 whole batches of 4
+    base = 0.0005 * 4 / 256
+    cosine = [1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * i / niter)) for i in range(niter)]
+    assert log[1]["train_lr"] == pytest.approx(sum(cosine) / niter, rel=1e-9)
+    assert log[0]["train_lr"] == pytest.approx(sum(base * i / (niter - 1) for i in range(niter)) / niter, rel=1e-9)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["local_crops_size"] == 3
+    assert checkpoint["teacher"]["backbone.phi.0.weight"].shape == (D, 16)
+    assert checkpoint["teacher"]["backbone.pos_embed"].shape == (1, 197, D)
+
+
+B = 4  # regions per process in the 2-process run; the 1-process run takes all 2 * B
+
+
+def region_dino_steps(rank: int) -> dict:
+    """main_dino's networks for vit4k_xs and 2 of its DINO steps on this process's rows of fixed crops; the losses,
+    the center and the weights after them."""
+    import main_dino
+    world_size = utils.get_world_size()
+    batch = 2 * B // world_size
+    args = main_dino.get_args_parser().parse_args([
+        "--arch", "vit4k_xs", "--region_in_dim", "16", "--out_dim", "32", "--drop_path_rate", "0",
+        "--global_crops_size", "6", "--local_crops_size", "3", "--local_crops_number", "2", "--epochs", "2",
+        "--warmup_epochs", "0", "--lr", "0.005", "--momentum_teacher", "0.9", "--use_fp16", "false",
+        "--clip_grad", "0.05", "--batch_size_per_gpu", str(batch)])
+    torch.manual_seed(0)
+    dino = main_dino.DINO.build(args, utils.Distributed(rank=rank, world_size=world_size))
+    initial = {k: v.clone() for k, v in dino.student.module.state_dict().items()}
+    schedules = main_dino.Schedules.build(args, world_size, 1)
+    losses = []
+    for epoch in range(2):  # epoch 0 with the head's last layer frozen, epoch 1 without
+        momentum, teacher_temp = schedules.apply(dino.optimizer, epoch)
+        g = torch.Generator().manual_seed(100 + epoch)
+        crops = [torch.randn(2 * B, 16, s, s, generator=g) for s in (6, 6, 3, 3)]
+        step = dino.train_step([c[rank * batch:(rank + 1) * batch] for c in crops], epoch, momentum, teacher_temp)
+        losses.append(step["loss"].item())
+    return {"losses": losses, "center": dino.dino_loss.center.clone(), "initial": initial,
+            "student": {k: v.clone() for k, v in dino.student.module.state_dict().items()},
+            "teacher": {k: v.clone() for k, v in dino.teacher_without_ddp.state_dict().items()}}
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_region_steps_as_one():
+    from conftest import run_in_gloo_processes
+    from test_distributed_equivalence import assert_same_weights
+    ranks = run_in_gloo_processes(region_dino_steps)
+    single = region_dino_steps(0)
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # the ranks saw different regions
+    mean_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert mean_losses == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(ranks[0]["center"], single["center"], rtol=1e-5, atol=1e-6)
+    for key in ("student", "teacher"):
+        assert all(torch.equal(v, ranks[1][key][k]) for k, v in ranks[0][key].items())
+        assert_same_weights(ranks[0][key], single[key], key)
+    moved = max((single["student"][k] - v).abs().max() for k, v in single["initial"].items())
+    assert moved > 1e-4  # the steps moved the weights far more than the tolerance
