@@ -6,8 +6,12 @@
     torchrun --nproc_per_node=8 eval_knn.py --pretrained_weights /path/to/checkpoint.pth --checkpoint_key teacher \\
         --data_path /path/to/imagenet --dump_features /path/to/features
     python eval_knn.py --load_features /path/to/features --nb_knn 5 10 20 50
+    # HIPT's region model on region feature folders, and the mean of the tile features as a baseline
+    python eval_knn.py --arch vit4k_xs --pretrained_weights /path/to/checkpoint.pth --data_path /path/to/regions
+    python eval_knn.py --arch vit4k_xs --region_pool mean --data_path /path/to/regions
 
---data_path holds train/ (the memory bank) and val/ (the queries) ImageFolders with the same classes.
+--data_path holds train/ (the memory bank) and val/ (the queries) ImageFolders with the same classes
+(for a region arch, folders of region files, one subfolder per class).
 The feature of an image is the [CLS] output for ViTs, the pooled feature for convnets, L2-normalised;
 each query's k nearest training features (cosine similarity) vote for their class with weight exp(sim / T).
 """
@@ -35,6 +39,7 @@ def get_args_parser():
                         help="""Should we store the features on GPU? We recommend setting this to False if you
         encounter OOM. Without a GPU the features stay on the CPU.""")
     utils.add_model_args(parser, patch_size=PATCH_SIZE)
+    utils.add_region_args(parser, pool=True)
     parser.add_argument("--dump_features", default=None, type=str,
                         help="Path where to save computed features, empty for no saving")
     parser.add_argument("--load_features", default=None, type=str, help="""If the features have already been
@@ -48,6 +53,7 @@ def get_args_parser():
 
 FLAG_DOMAINS = {
     **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    **utils.REGION_FLAG_DOMAINS,
     "batch_size_per_gpu": utils.AT_LEAST_ONE, "nb_knn": utils.AT_LEAST_ONE, "temperature": utils.POSITIVE,
 }
 
@@ -56,6 +62,7 @@ def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
     args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
+    utils.check_region_pool(args)
     if not args.load_features:  # cached features need no backbone
         utils.check_patch_fits(args, "crop_size")
 
@@ -76,14 +83,18 @@ def main(args):
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     else:
         # ============ preparing data ... ============
-        transform = utils.eval_transform(args.resize_size, args.crop_size)
-        dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, transform, transform)
+        if utils.is_region_arch(args.arch):  # whole grids of tile features
+            dataset_train, dataset_val = utils.build_region_eval_datasets(args.data_path, args.region_in_dim)
+        else:
+            transform = utils.eval_transform(args.resize_size, args.crop_size)
+            dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, transform, transform)
         num_classes = len(dataset_train.classes)
         utils.print_main(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs "
                          f"in {num_classes} classes.")
 
         # ============ building network ... ============
-        model = utils.build_frozen_backbone(args, dist_env.device)
+        model = (utils.build_region_backbone(args, dist_env.device) if utils.is_region_arch(args.arch)
+                 else utils.build_frozen_backbone(args, dist_env.device))
 
         # ============ extracting features ... ============
         utils.print_main("Extracting features for train set...")

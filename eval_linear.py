@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 import utils
-from vision_transformer import VisionTransformer
+from vision_transformer import RegionVisionTransformer, VisionTransformer
 
 PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
 
@@ -36,6 +36,7 @@ def get_args_parser():
                         help="""Whether ot not to concatenate the global average pooled features to the [CLS] token.
         We typically set this to False for ViT-Small and to True with ViT-Base.""")
     utils.add_model_args(parser, patch_size=PATCH_SIZE)
+    utils.add_region_args(parser, pool=True)
     utils.add_weights_args(parser)
     parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     parser.add_argument("--lr", default=0.001, type=float, help="""Learning rate at the beginning of
@@ -67,6 +68,7 @@ def get_args_parser():
 
 FLAG_DOMAINS = {
     **utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, **utils.DISTRIBUTED_FLAG_DOMAINS,
+    **utils.REGION_FLAG_DOMAINS,
     "n_last_blocks": utils.AT_LEAST_ONE, "epochs": utils.AT_LEAST_ONE, "lr": utils.POSITIVE,
     "batch_size_per_gpu": utils.AT_LEAST_ONE, "val_freq": utils.AT_LEAST_ONE, "num_labels": utils.AT_LEAST_ONE,
     "train_crop_scale": utils.FRACTION, "seed": utils.NON_NEGATIVE,
@@ -77,6 +79,7 @@ def check_args(args) -> None:
     """One-line errors for flag values that would fail later."""
     args = utils.resolve_patch_size(args, PATCH_SIZE)
     utils.check_flag_domains(args, FLAG_DOMAINS)
+    utils.check_region_pool(args)
     low, high = args.train_crop_scale
     if not low <= high:
         raise utils.InputError(f"--train_crop_scale {low:g} {high:g}: expected two numbers 0 < min <= max <= 1")
@@ -98,7 +101,8 @@ def main(args):
     train_loader, val_loader, num_labels = build_data_loaders(args, dist_env)
 
     # ============ building network ... ============
-    model = utils.build_frozen_backbone(args, dist_env.device)
+    model = (utils.build_region_backbone(args, dist_env.device) if utils.is_region_arch(args.arch)
+             else utils.build_frozen_backbone(args, dist_env.device))
     feat_dim = check_feature_args(model, args)
     linear_classifier = utils.wrap_ddp(LinearClassifier(feat_dim, num_labels).to(dist_env.device), dist_env)
 
@@ -161,18 +165,24 @@ def main(args):
 def build_data_loaders(args, dist_env: utils.Distributed):
     """Training: RandomResizedCrop + flip, shuffled over processes; val: the evaluation transform, split in order.
 
-    Also returns the number of classes, which --num_labels must equal when it is given.
+    Also returns the number of classes, which --num_labels must equal when it is given. A region arch reads whole
+    grids of tile features; the training grids are flipped left-right, the one move of its pretraining crops that
+    keeps every cell.
     """
-    normalize = transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
-    train_transform = transforms.Compose([
-        transforms.RandomResizedCrop(args.crop_size, scale=tuple(args.train_crop_scale)),  # original: 0.08 1
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ])
-    val_transform = utils.eval_transform(args.resize_size, args.crop_size)
-    dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, train_transform, val_transform,
-                                                           need_train=not args.evaluate)
+    if utils.is_region_arch(args.arch):
+        dataset_train, dataset_val = utils.build_region_eval_datasets(
+            args.data_path, args.region_in_dim, transforms.RandomHorizontalFlip(), need_train=not args.evaluate)
+    else:
+        normalize = transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
+        train_transform = transforms.Compose([
+            transforms.RandomResizedCrop(args.crop_size, scale=tuple(args.train_crop_scale)),  # original: 0.08 1
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ])
+        val_transform = utils.eval_transform(args.resize_size, args.crop_size)
+        dataset_train, dataset_val = utils.build_eval_datasets(args.data_path, train_transform, val_transform,
+                                                               need_train=not args.evaluate)
     num_classes = len(dataset_val.classes)
     if args.num_labels is not None and args.num_labels != num_classes:
         raise utils.InputError(f"--num_labels {args.num_labels}: {args.data_path} has {num_classes} classes")
@@ -237,7 +247,7 @@ def check_resumable(ckp_path: str, linear_classifier: nn.Module) -> None:
 
 def check_feature_args(model, args) -> int:
     """Size of the frozen feature the linear classifier reads; errors for block counts the backbone lacks."""
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, (VisionTransformer, RegionVisionTransformer)):
         if args.n_last_blocks != 4 or args.avgpool_patchtokens:
             utils.print_main(f"--n_last_blocks and --avgpool_patchtokens apply to ViTs only: "
                              f"{args.arch} gives its pooled feature")
@@ -253,9 +263,10 @@ def frozen_features(model, images: torch.Tensor, args) -> torch.Tensor:
     ViTs: the [CLS] tokens of the last n_last_blocks blocks concatenated, plus, with
     avgpool_patchtokens, the mean of the last block's patch tokens (never DINOv2's registers). With one block the two
     are interleaved element-wise, the layout the published ViT-B linear weights were trained
-    on; with more blocks (where the original fails) the mean is appended. Convnets: the pooled feature.
+    on; with more blocks (where the original fails) the mean is appended. Convnets: the pooled feature; HIPT's region
+    ViT as a ViT, its cells as the patches; --region_pool mean: the mean of the tile features.
     """
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, (VisionTransformer, RegionVisionTransformer)):
         return model(images)
     intermediate_output = model.get_intermediate_layers(images, args.n_last_blocks)  # each (B, prefix + N, D)
     output = torch.cat([x[:, 0] for x in intermediate_output], dim=-1)  # (B, n * D)

@@ -429,3 +429,100 @@ def test_two_processes_take_the_same_region_steps_as_one():
         assert_same_weights(ranks[0][key], single[key], key)
     moved = max((single["student"][k] - v).abs().max() for k, v in single["initial"].items())
     assert moved > 1e-4  # the steps moved the weights far more than the tolerance
+
+
+# ============ evaluation: eval_knn.py and eval_linear.py on region folders ============
+
+def write_labelled_regions(root, dim=16, side=4, per_class=(8, 4), shift=1.5) -> dict:
+    """root/{train,val}/class{c}: regions whose tile features lean by c * shift; returns {split: (features, labels)}."""
+    written = {}
+    for split, n in zip(("train", "val"), per_class):
+        feats, labels = [], []
+        for c in range(2):
+            for i in range(n):
+                features = region(side, dim, 1000 * c + 100 * (split == "val") + i) + shift * c
+                save_region(root / split / f"class{c}" / f"r{i:02d}.pt", features)
+                feats.append(features)
+                labels.append(c)
+        written[split] = (feats, labels)
+    return written
+
+
+def test_region_pool_mean_is_for_region_archs_without_weights():
+    import eval_knn
+    parser = eval_knn.get_args_parser()
+    with pytest.raises(utils.InputError, match="--region_pool mean: for region feature grids .* not --arch vit_small"):
+        eval_knn.check_args(parser.parse_args(["--region_pool", "mean"]))
+    with pytest.raises(utils.InputError, match="--pretrained_weights would not be read"):
+        eval_knn.check_args(parser.parse_args(["--arch", "vit4k_xs", "--region_pool", "mean",
+                                               "--pretrained_weights", "w.pth"]))
+    eval_knn.check_args(parser.parse_args(["--arch", "vit4k_xs", "--region_pool", "mean"]))
+
+
+def test_region_eval_splits_need_the_same_classes(tmp_path):
+    save_region(tmp_path / "train" / "a" / "r.pt", region(4, 8, 0))
+    save_region(tmp_path / "val" / "b" / "r.pt", region(4, 8, 0))
+    with pytest.raises(utils.InputError, match=r"val/ has other classes than train/ .*only in train/: a; only in "
+                                               r"val/: b"):
+        utils.build_region_eval_datasets(str(tmp_path), 8)
+    with pytest.raises(utils.InputError, match=r"no train/ folder \(it must hold train/ and val/ folders of region"):
+        utils.build_region_eval_datasets(str(tmp_path / "train"), 8)
+
+
+def knn_top1(out: str, k: int) -> float:
+    import re
+    return float(re.search(rf"^{k}-NN classifier result: Top1: ([\d.]+)", out, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_region_knn_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
+    """eval_knn.py's top-1 equals a weighted k-NN written out here on features computed here: the float64 forward
+    of the region model (its weights a backbone-only file), and the mean of each region's tile features."""
+    import numpy as np
+    from conftest import run_script
+    from test_experiments import numpy_weighted_knn
+    written = write_labelled_regions(tmp_path / "data")
+    state = hipt_state(in_dim=16, seed=5)
+    torch.save(state, tmp_path / "vit4k_xs.pth")
+
+    def normalised(rows):
+        x = np.stack([r.numpy() for r in rows]).astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    features = {"cls": {}, "mean": {}}
+    for split, (regions, labels) in written.items():
+        grids = torch.stack([utils.region_grid(r, 16) for r in regions])
+        features["cls"][split] = normalised(reference_forward(state, grids)[0])
+        features["mean"][split] = normalised([r.mean(0) for r in regions])
+    labels = {split: np.array(labels) for split, (_, labels) in written.items()}
+    common = ["eval_knn.py", "--arch", "vit4k_xs", "--region_in_dim", 16, "--data_path", tmp_path / "data",
+              "--nb_knn", 3, 5, "--num_workers", 0, "--batch_size_per_gpu", 5]
+    runs = {"cls": run_script([*common, "--pretrained_weights", tmp_path / "vit4k_xs.pth"]).stdout,
+            "mean": run_script([*common, "--region_pool", "mean"]).stdout}
+    assert "--region_pool mean: a region's feature is the mean of its 16-d tile features" in runs["mean"]
+    for pool, out in runs.items():
+        for k in (3, 5):
+            expected = numpy_weighted_knn(features[pool]["train"], labels["train"], features[pool]["val"],
+                                          labels["val"], k, 0.07, 2)
+            assert knn_top1(out, k) == pytest.approx(expected, abs=1e-3), (pool, k)
+
+
+@pytest.mark.slow
+def test_region_linear_probe_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
+    import json
+    from conftest import run_script
+    write_labelled_regions(tmp_path / "data", shift=3.0)
+    torch.save(hipt_state(in_dim=16, seed=5), tmp_path / "vit4k_xs.pth")
+    args = ["eval_linear.py", "--arch", "vit4k_xs", "--region_in_dim", 16, "--data_path", tmp_path / "data",
+            "--num_workers", 0, "--batch_size_per_gpu", 4]
+    run_script([*args, "--pretrained_weights", tmp_path / "vit4k_xs.pth", "--epochs", 1, "--output_dir",
+                tmp_path / "cls"])
+    log = [json.loads(line) for line in open(tmp_path / "cls" / "log.txt")]
+    assert [r["epoch"] for r in log] == [0] and log[0]["test_n"] == 8
+    checkpoint = torch.load(tmp_path / "cls" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["state_dict"]["module.linear.weight"].shape == (2, 4 * D)  # [CLS] of the last 4 blocks
+    mean = run_script([*args, "--region_pool", "mean", "--epochs", 3, "--lr", 30, "--output_dir",
+                       tmp_path / "mean"]).stdout
+    assert "Top-1 test accuracy: 100.0" in mean  # tiles leaning 3 standard deviations apart
+    checkpoint = torch.load(tmp_path / "mean" / "checkpoint.pth.tar", weights_only=True)
+    assert checkpoint["state_dict"]["module.linear.weight"].shape == (2, 16)
