@@ -19,6 +19,7 @@ SCRIPTS = {  # name: path from the repository root, and the flags its check_args
     "prepare_fashion_mnist": ("tools/prepare_fashion_mnist.py", []),
     "knn_raw_pixels": ("experiments/fashion_mnist/knn_raw_pixels.py", []),
     "random_init": ("experiments/fashion_mnist/random_init.py", ["--output", "random.pth"]),
+    "extract_region_features": ("tools/extract_region_features.py", []),
 }
 
 _modules = {}
@@ -160,6 +161,13 @@ BAD_VALUES = [
     ("knn_raw_pixels", "--temperature 0", "--temperature 0.0: must be > 0"),
     ("random_init", "--patch_size 0", "--patch_size 0: must be >= 1"),
     ("random_init", "--seed -1", "--seed -1: must be >= 0"),
+    ("extract_region_features", "--patch_size 0", "--patch_size 0: must be >= 1"),
+    ("extract_region_features", "--region_size 0", "--region_size 0: must be >= 1"),
+    ("extract_region_features", "--tile_size 0", "--tile_size 0: must be >= 1"),
+    ("extract_region_features", "--batch_size 0", "--batch_size 0: must be >= 1"),
+    ("extract_region_features", "--num_workers -1", "--num_workers -1: must be >= 0"),
+    ("extract_region_features", "--mean 0.5 nan 0.5", "--mean 0.5 nan 0.5: each value must be a finite number"),
+    ("extract_region_features", "--std 0.5 0 0.5", "--std 0.5 0.0 0.5: each value must be > 0"),
 ]
 # run_with_submitit takes every main_dino flag and checks them too, before queuing the job
 BAD_VALUES += [("run_with_submitit", flags, message) for name, flags, message in BAD_VALUES if name == "main_dino"]
@@ -209,6 +217,7 @@ def test_defaults_pass(name, tmp_path, image_folder):
     ("run_with_submitit", "--ngpus 0 --signal_delay_s 0 --mem_gb 0.5 --data_path DATA"),
     ("bench_train", "--image_size 8 8 --warmup 0 --num_workers 0 --local_crops_number 0"),
     ("prepare_fashion_mnist", "--train_per_class 0 --val_per_class 0 --size 1"),
+    ("extract_region_features", "--region_size 28 --tile_size 28 --patch_size 28 --num_workers 0 --mean -1 0 9"),
 ])
 def test_boundary_values_pass(name, flags, image_folder):
     check(name, [image_folder if f == "DATA" else f for f in flags.split()])

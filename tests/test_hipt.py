@@ -526,3 +526,103 @@ def test_region_linear_probe_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
     assert "Top-1 test accuracy: 100.0" in mean  # tiles leaning 3 standard deviations apart
     checkpoint = torch.load(tmp_path / "mean" / "checkpoint.pth.tar", weights_only=True)
     assert checkpoint["state_dict"]["module.linear.weight"].shape == (2, 16)
+
+
+# ============ regions and tiles; tools/extract_region_features.py ============
+
+def test_tiles_are_cut_row_by_row():
+    """Tile (r, c) of a rows x cols image is tile r * cols + c, and holds the image's pixels of that place."""
+    t, rows, cols = 4, 3, 5
+    image = torch.arange(2 * rows * t * cols * t, dtype=torch.float32).reshape(2, rows * t, cols * t)
+    tiles = utils.tile_image(image, t)
+    assert tiles.shape == (rows * cols, 2, t, t)
+    for r in range(rows):
+        for c in range(cols):
+            assert torch.equal(tiles[r * cols + c], image[:, r * t:(r + 1) * t, c * t:(c + 1) * t])
+    features = torch.randn(rows * cols, 7)
+    grid = utils.tile_features_to_grid(features, rows, cols)
+    assert all(torch.equal(grid[:, r, c], features[r * cols + c]) for r in range(rows) for c in range(cols))
+
+
+def test_region_names_index_the_grid_of_whole_regions():
+    assert utils.region_names("slide", 64, 64, 64) == [("slide", 0, 0)]
+    assert utils.region_names("slide", 150, 200, 64) == [("slide_0_0", 0, 0), ("slide_0_1", 0, 64),
+                                                          ("slide_0_2", 0, 128), ("slide_1_0", 64, 0),
+                                                          ("slide_1_1", 64, 64), ("slide_1_2", 64, 128)]
+    assert utils.region_names("slide", 64, 100, 64) == [("slide_0_0", 0, 0)]  # larger than one region
+    assert utils.region_names("small", 63, 500, 64) == []
+    assert [utils.partial_regions(h, w, 64) for h, w in ((64, 64), (150, 200), (64, 100), (63, 500))] == [0, 6, 1, 8]
+
+
+def extraction_args(data, out, weights):
+    return ["tools/extract_region_features.py", "--arch", "vit_tiny", "--patch_size", 8, "--pretrained_weights",
+            weights, "--checkpoint_key", "teacher", "--data_path", data, "--region_size", 32, "--tile_size", 16,
+            "--output_dir", out, "--mean", 0.5, 0.5, 0.5, "--std", 0.5, 0.5, 0.5, "--batch_size", 3,
+            "--num_workers", 0]
+
+
+@pytest.mark.slow
+def test_extraction_writes_hipts_files_in_tile_order_and_resumes_from_a_tar(tmp_path):
+    """Images of one region, of two whole regions and a remainder, smaller than a region, and unreadable; each region
+    file holds the [CLS] of its tiles, row by row, computed here from the pixels (HIPT's 0.5 normalisation written
+    out). Then one file is removed and the tar of the same folder fills it in: the others are not computed again."""
+    import numpy as np
+    import tarfile
+    from PIL import Image
+    from conftest import run_script
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    pixels = {"one/exact": rng.integers(0, 256, (32, 32, 3)), "one/wide": rng.integers(0, 256, (40, 70, 3)),
+              "two/small": rng.integers(0, 256, (20, 40, 3))}
+    for name, array in pixels.items():
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.astype(np.uint8)).save(f"{data / name}.png")
+    (data / "two" / "broken.png").write_bytes(b"not a png")
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", patch_size=8).eval()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pth")
+    out = tmp_path / "features"
+    proc = run_script(extraction_args(data, out, tmp_path / "ckpt.pth"))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.pt")) == ["one/exact.pt", "one/wide_0_0.pt",
+                                                                         "one/wide_0_1.pt"]
+    # wide: 2 x 3 regions started, 2 whole; small: 1 x 2 started, none whole
+    assert ("4 images: 3 regions written to " in proc.stdout and "0 already there; skipped: 6 partial regions (cut by "
+            "the bottom or right edge), 1 images smaller than one region, 1 unreadable images" in proc.stdout)
+    assert "images/s" in proc.stderr and f"skipping unreadable image {data / 'two' / 'broken.png'}" in proc.stderr
+    for name, top, left in (("exact", 0, 0), ("wide_0_0", 0, 0), ("wide_0_1", 0, 32)):
+        features = torch.load(out / "one" / f"{name}.pt", weights_only=True)
+        assert features.shape == (4, 192) and features.dtype == torch.float32 and features.is_contiguous()
+        array = pixels["one/" + name.split("_")[0]]
+        for r in range(2):
+            for c in range(2):
+                tile = array[top + 16 * r: top + 16 * (r + 1), left + 16 * c: left + 16 * (c + 1)] / 255.0
+                x = torch.tensor((tile - 0.5) / 0.5, dtype=torch.float32).permute(2, 0, 1)[None]
+                with torch.no_grad():
+                    torch.testing.assert_close(features[2 * r + c], model(x)[0], rtol=1e-4, atol=1e-5)
+
+    expected = torch.load(out / "one" / "wide_0_1.pt", weights_only=True)
+    (out / "one" / "wide_0_1.pt").unlink()
+    with tarfile.open(tmp_path / "images.tar", "w") as tar:
+        tar.add(data, arcname=".")
+    utils.write_tar_entries(str(tmp_path), utils.tar_prefix(str(tmp_path / "images.tar")),
+                            *utils.tar_entries(str(tmp_path / "images.tar")))
+    proc = run_script(extraction_args(tmp_path / "images.tar", out, tmp_path / "ckpt.pth"))
+    assert "4 images: 1 regions written to " in proc.stdout and "2 already there" in proc.stdout
+    torch.testing.assert_close(torch.load(out / "one" / "wide_0_1.pt", weights_only=True), expected)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ("--region_size 100 --tile_size 32", "--region_size 100 is not a multiple of --tile_size 32"),
+    ("--arch vit4k_xs", "--arch vit4k_xs is a region model: the tiles need a patch-level backbone"),
+    ("--tile_size 8 --region_size 64", "--patch_size 16 is larger than --tile_size 8"),
+])
+def test_extraction_flags_that_cannot_work_are_one_line(flags, message):
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("extract_region_features",
+                                                  f"{REPO}/tools/extract_region_features.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(utils.InputError) as e:
+        tool.check_args(tool.get_args_parser().parse_args(flags.split()))
+    assert str(e.value).startswith(message)
