@@ -7,6 +7,10 @@
         --image_path photo.jpg --image_size 480 --threshold 0.6 --output_dir attention/
     # DINOv2's ViT-S/14 with registers (downloaded once), and the PCA of its patch features
     python visualize_attention.py --arch dinov2_vits14_reg --patch_size 14 --image_size 448 --pca --output_dir pca/
+    # HIPT's two-level attention of a 4096-pixel region: vit4k_xs over its 256-pixel tiles, a ViT-S/16 in each tile
+    python visualize_attention.py --arch vit4k_xs --pretrained_weights vit4k_xs_dino.pth --tile_arch vit_small \
+        --tile_patch_size 16 --tile_weights vit256_small_dino.pth --tile_size 256 --mean 0.5 0.5 0.5 \
+        --std 0.5 0.5 0.5 --image_path region.png --output_dir hipt_attention/
 
 Writes to --output_dir: img.png (the input as the model saw it: resized, cropped to a multiple
 of the patch size), attn-head{i}.png for each head, overview.png (the input and every head side
@@ -17,6 +21,14 @@ each min-max scaled to a colour channel) and pca_foreground.png (the patches who
 component is above --pca_threshold, coloured by a second PCA of these patches alone; the rest
 black). The sign of each component is fixed by the rule of utils.PatchPCA: the same image and
 weights give the same colours every run.
+
+With a region arch (--arch vit4k_xs) the image is a region, not resized: it is cut into tiles of
+--tile_size pixels (bottom and right remainders dropped), the tile encoder (--tile_arch,
+--tile_patch_size, --tile_weights) embeds each tile, and the region model reads the grid of their
+[CLS]. Written: img.png (the region), region_attn-head{j}.png (the region model's [CLS] attention
+to each tile, head j, each tile a flat square), hierarchical.png (HIPT's two-level heatmap: each
+tile's own [CLS] attention over its patches, averaged over the tile encoder's heads, rescaled to
+sum to the region model's attention to that tile, averaged over its heads) and overview.png.
 """
 import argparse
 import colorsys
@@ -33,8 +45,10 @@ from PIL import Image
 from skimage.measure import find_contours
 
 import utils
+from vision_transformer import build_model
 
 PATCH_SIZE = 8  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
+TILE_BATCH = 32  # tiles per forward pass of the tile encoder (a 256-pixel ViT-S/16 tile's attention is 1.6 MB)
 
 
 def get_args_parser():
@@ -54,11 +68,26 @@ def get_args_parser():
     parser.add_argument("--pca_threshold", default=0.0, type=float, help="""With --pca: the foreground is the
         patches whose first principal component score, in standard deviations of that score, is above this; 0 keeps
         the positive scores, as DINOv2's paper. Raise it if the foreground takes background in.""")
+    utils.add_normalization_args(parser)
+
+    # the two-level attention of a region arch
+    utils.add_region_args(parser)
+    parser.add_argument("--tile_arch", default="vit_small", type=str, help="""With a region arch (--arch
+        vit4k_xs): the tile encoder, a ViT (HIPT's: vit_small). --image_size does not apply: the region is cut into
+        tiles as it is.""")
+    parser.add_argument("--tile_patch_size", default=16, type=int, help="With a region arch: the tile encoder's patch "
+                        "size (HIPT's: 16).")
+    parser.add_argument("--tile_weights", default="", type=str, help="""With a region arch: the tile encoder's
+        weights (--checkpoint_key applies); empty: HIPT's published ViT-S/16 for vit_small/16, else the published
+        weights of --tile_arch.""")
+    parser.add_argument("--tile_size", default=256, type=int, help="""With a region arch: side in pixels of a tile
+        (HIPT's: 256), as the region files were extracted.""")
     return parser
 
 
-FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "image_size": utils.AT_LEAST_ONE, "threshold": utils.FRACTION,
-                "pca_threshold": utils.FINITE}
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, **utils.NORMALIZATION_FLAG_DOMAINS, **utils.REGION_FLAG_DOMAINS,
+                "image_size": utils.AT_LEAST_ONE, "threshold": utils.FRACTION, "pca_threshold": utils.FINITE,
+                "tile_patch_size": utils.AT_LEAST_ONE, "tile_size": utils.AT_LEAST_ONE}
 
 
 def check_args(args) -> None:
@@ -69,6 +98,13 @@ def check_args(args) -> None:
     if not 1 <= len(args.image_size) <= 2:
         raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: give one size (shorter side) "
                                f"or two (height width)")
+    if utils.is_region_arch(args.arch):
+        if args.threshold is not None or args.pca:
+            raise utils.InputError(f"--threshold and --pca draw a ViT's patch attention and features; --arch "
+                                   f"{args.arch} draws the two-level attention of a region (leave them out)")
+        if args.tile_patch_size > args.tile_size:
+            raise utils.InputError(f"--tile_patch_size {args.tile_patch_size} is larger than --tile_size "
+                                   f"{args.tile_size}")
 
 
 def load_image(image_path) -> Image.Image:
@@ -89,9 +125,12 @@ def main(args):
     args = utils.resolve_patch_size(args, PATCH_SIZE)  # the arch's own when not given
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if utils.is_region_arch(args.arch):
+        two_level_attention(args, device)
+        return
 
     # ============ preparing image ... ============
-    img = utils.attention_transform(args.image_size)(load_image(args.image_path))
+    img = utils.attention_transform(args.image_size, args.mean, args.std)(load_image(args.image_path))
     img = utils.crop_to_patch_multiple(img, args.patch_size)  # (3, H, W), H and W multiples of the patch size
     if min(img.shape[-2:]) == 0:
         raise utils.InputError(f"--image_size {' '.join(map(str, args.image_size))}: the image is smaller than one "
@@ -115,6 +154,71 @@ def main(args):
     if args.pca:
         # ============ PCA of the patch features ... ============
         save_pca_figures(model, img.to(device), args)
+
+
+def two_level_attention(args, device: torch.device) -> None:
+    """HIPT's pictures of a region: the region model's [CLS] attention over the tiles, and the two-level heatmap."""
+    # ============ preparing the region ... ============
+    image = load_image(args.image_path)
+    t = args.tile_size
+    rows, cols = image.height // t, image.width // t
+    if rows == 0 or cols == 0:
+        raise utils.InputError(f"{args.image_path or 'the image'} ({image.width}x{image.height}) is smaller than one "
+                               f"{t}x{t} tile (--tile_size)")
+    image = image.crop((0, 0, cols * t, rows * t))  # whole tiles only
+    tiles = utils.tile_image(utils.tile_transform(args.mean, args.std)(image), t)  # (rows * cols, 3, t, t)
+
+    # ============ building networks ... ============
+    tile_encoder = utils.build_tile_encoder(args.tile_arch, args.tile_patch_size, args.tile_weights,
+                                            args.checkpoint_key, device)
+    region_model = build_model(args.arch, region_in_dim=args.region_in_dim)
+    utils.load_pretrained_weights(region_model, args.pretrained_weights, args.checkpoint_key, args.arch, None)
+    region_model = region_model.eval().requires_grad_(False).to(device)
+
+    # ============ computing attention ... ============
+    features = utils.embed_tiles(tile_encoder, tiles, TILE_BATCH, device)  # (rows * cols, D)
+    grid = utils.tile_features_to_grid(features, rows, cols).to(device)  # (D, rows, cols)
+    region_attention = utils.cell_attention(region_model, grid)  # (heads, rows, cols)
+    tile_attention = torch.cat([utils.cls_attention_maps(tile_encoder, tiles[i:i + TILE_BATCH].to(device)).mean(1)
+                                for i in range(0, len(tiles), TILE_BATCH)])  # (rows * cols, h, w), heads averaged
+    hierarchical = utils.hierarchical_attention(region_attention.mean(0), tile_attention)  # (rows * h, cols * w)
+    print(f"Region {image.width}x{image.height}: {rows}x{cols} tiles of {t} pixels; {region_attention.shape[0]} "
+          f"heads of {args.arch} over the tiles, {tile_attention.shape[-2]}x{tile_attention.shape[-1]} patches a tile")
+
+    # ============ writing figures ... ============
+    os.makedirs(args.output_dir, exist_ok=True)
+    image.save(os.path.join(args.output_dir, "img.png"))
+    region_maps = utils.upsample_patches(region_attention[None], t)[0].cpu().numpy()  # (heads, H, W)
+    for j, attention in enumerate(region_maps):
+        matplotlib.image.imsave(os.path.join(args.output_dir, f"region_attn-head{j}.png"), attention, format="png")
+    pixels = utils.upsample_patches(hierarchical[None, None], args.tile_patch_size)[0, 0].cpu().numpy()  # (H, W)
+    matplotlib.image.imsave(os.path.join(args.output_dir, "hierarchical.png"), pixels, format="png")
+    save_two_level_overview(np.asarray(image), region_maps, pixels, os.path.join(args.output_dir, "overview.png"))
+    print(f"img.png, region_attn-head{{j}}.png, hierarchical.png and overview.png saved in {args.output_dir}")
+
+
+def save_two_level_overview(image: np.ndarray, region_maps: np.ndarray, hierarchical: np.ndarray, fname: str) -> None:
+    """The region; the region model's attention over the tiles (heads averaged) and the two-level heatmap, each over
+    the region; then each head's attention over the tiles."""
+    nh = len(region_maps)
+    cols = max(3, nh)
+    height = 2.5 * image.shape[0] / image.shape[1]
+    fig = Figure(figsize=(2.5 * cols, (height + 0.4) * 2), dpi=100)
+    axes = fig.subplots(2, cols, squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("region")
+    for ax, heat, title in ((axes[0, 1], region_maps.mean(0), "region attention"),
+                            (axes[0, 2], hierarchical, "two-level heatmap")):
+        ax.imshow(image)
+        ax.imshow(heat, cmap="jet", alpha=0.5, interpolation="nearest")
+        ax.set_title(title)
+    for j in range(nh):
+        axes[1, j].imshow(region_maps[j], interpolation="nearest")
+        axes[1, j].set_title(f"region head {j}")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(fname)
 
 
 def save_pca_figures(model, img: torch.Tensor, args) -> None:

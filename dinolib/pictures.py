@@ -27,13 +27,14 @@ def build_attention_backbone(args, device: torch.device) -> nn.Module:
     return model.eval().requires_grad_(False).to(device)
 
 
-def attention_transform(image_size=None):
-    """PIL image to normalised tensor, first resized by torchvision's Resize(image_size) (bilinear) when given.
+def attention_transform(image_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL image to normalised tensor (ImageNet's mean and std by default), first resized by torchvision's
+    Resize(image_size) (bilinear) when given.
 
     image_size: one int (shorter side) or (height, width), as the original attention scripts.
     """
     resize = [transforms.Resize(image_size)] if image_size else []
-    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def crop_to_patch_multiple(img: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 from torchvision import transforms
 
-from dinolib.checkpoints import load_pretrained_weights
+from dinolib.checkpoints import HIPT_TILE_WEIGHTS_URL, load_pretrained_weights, published_weights_url
 from dinolib.datasets import IMAGENET_MEAN, IMAGENET_STD
 from dinolib.errors import InputError
 from dinolib.evaluation import check_same_classes
 from dinolib.flags import AT_LEAST_ONE, FINITE, POSITIVE
 from dinolib.process_group import print_main
-from vision_transformer import REGION_ARCHS, REGION_IN_DIM, RegionMeanPool, build_model
+from vision_transformer import DINOV2_ARCHS, REGION_ARCHS, REGION_IN_DIM, VIT_ARCHS, RegionMeanPool, build_model
 
 REGION_SUFFIX = ".pt"
 REGION_CROPS_SIZE = (14, 6)  # HIPT's global and local crops of its 16 x 16 grids, in cells
@@ -63,12 +63,13 @@ def check_region_pool(args: argparse.Namespace) -> None:
 
 
 def add_normalization_args(parser: argparse.ArgumentParser) -> None:
-    """--mean and --std of the tiles' normalisation (ImageNet's by default; HIPT's tile encoder used 0.5 0.5 0.5)."""
+    """--mean and --std of the images' normalisation (ImageNet's by default; HIPT's tile encoder used 0.5 0.5 0.5)."""
     parser.add_argument("--mean", default=IMAGENET_MEAN, type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="""Per-channel mean subtracted from the tiles (ToTensor scale, 0-1): the normalisation
-        the tile encoder was trained with. ImageNet's by default, as this project's training; HIPT's is 0.5 0.5 0.5.""")
+                        help="""Per-channel mean subtracted from the images (the tiles of a region), on ToTensor's
+        0-1 scale: the normalisation the encoder was trained with. ImageNet's by default, as this project trains;
+        HIPT's tile encoder was trained with 0.5 0.5 0.5.""")
     parser.add_argument("--std", default=IMAGENET_STD, type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="Per-channel standard deviation the tiles are divided by; HIPT's is 0.5 0.5 0.5.")
+                        help="Per-channel standard deviation the images are divided by; HIPT's is 0.5 0.5 0.5.")
 
 
 NORMALIZATION_FLAG_DOMAINS = {"mean": FINITE, "std": POSITIVE}
@@ -300,6 +301,19 @@ def build_region_backbone(args: argparse.Namespace, device: torch.device) -> nn.
 
 
 # ============ two-level attention ============
+
+def build_tile_encoder(arch: str, patch_size: int, weights: str, checkpoint_key: str, device: torch.device):
+    """The tile encoder ViT of arch and patch_size with weights (checkpoint_key), in eval mode on device. Empty
+    weights: HIPT's ViT-S/16 for vit_small/16 (the tile encoder of its published vit4k_xs), else arch's published."""
+    if arch not in VIT_ARCHS and arch not in DINOV2_ARCHS:
+        raise InputError(f"--tile_arch {arch}: the two-level attention needs a ViT tile encoder "
+                         f"({', '.join(VIT_ARCHS)}, {', '.join(DINOV2_ARCHS)})")
+    model = build_model(arch, patch_size=patch_size)
+    url = "" if weights else HIPT_TILE_WEIGHTS_URL if (arch, patch_size) == ("vit_small", 16) else \
+        published_weights_url(arch, patch_size)
+    load_pretrained_weights(model, weights, checkpoint_key, arch, patch_size, url=url)
+    return model.eval().requires_grad_(False).to(device)
+
 
 @torch.no_grad()
 def cell_attention(model: nn.Module, grid: torch.Tensor) -> torch.Tensor:

@@ -626,3 +626,63 @@ def test_extraction_flags_that_cannot_work_are_one_line(flags, message):
     with pytest.raises(utils.InputError) as e:
         tool.check_args(tool.get_args_parser().parse_args(flags.split()))
     assert str(e.value).startswith(message)
+
+
+# ============ the two-level attention: visualize_attention.py --arch vit4k_xs ============
+
+def test_hierarchical_attention_is_each_tiles_attention_scaled_to_the_regions():
+    g = torch.Generator().manual_seed(0)
+    rows, cols, h, w = 2, 3, 4, 5
+    region_attention = torch.rand(rows, cols, generator=g)
+    tile_attention = torch.rand(rows * cols, h, w, generator=g)
+    heat = utils.hierarchical_attention(region_attention, tile_attention)
+    assert heat.shape == (rows * h, cols * w)
+    for r in range(rows):
+        for c in range(cols):
+            tile = tile_attention[r * cols + c]
+            expected = tile / tile.sum() * region_attention[r, c]
+            torch.testing.assert_close(heat[r * h:(r + 1) * h, c * w:(c + 1) * w], expected)
+
+
+def test_cell_attention_is_the_cls_row_of_the_last_block_on_the_grid():
+    model = build_model("vit4k_xs", region_in_dim=8).eval()
+    model.load_state_dict(hipt_state(in_dim=8, seed=2))
+    grid = torch.randn(8, 3, 4)
+    attention = utils.cell_attention(model, grid)
+    _, reference = reference_forward(hipt_state(in_dim=8, seed=2), grid[None])
+    assert attention.shape == (HEADS, 3, 4)
+    for r in range(3):
+        for c in range(4):
+            torch.testing.assert_close(attention[:, r, c].double(), reference[0, :, 0, 1 + r * 4 + c], rtol=1e-4,
+                                       atol=1e-6)
+
+
+def test_two_level_attention_pictures(tmp_path):
+    """visualize_attention.py --arch vit4k_xs on a 48 x 80 region of 16-pixel tiles (3 x 5), a vit_tiny/8 tile
+    encoder: the region as it was cut, one map per region head over the tiles, the two-level heatmap."""
+    import numpy as np
+    from PIL import Image
+    import visualize_attention
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (50, 85, 3)).astype(np.uint8)  # bottom and right remainders are dropped
+    Image.fromarray(pixels).save(tmp_path / "region.png")
+    torch.manual_seed(0)
+    torch.save(build_model("vit_tiny", patch_size=8).state_dict(), tmp_path / "tile.pth")
+    torch.save(hipt_state(in_dim=192), tmp_path / "region.pth")
+    parser = visualize_attention.get_args_parser()
+    flags = ["--arch", "vit4k_xs", "--region_in_dim", "192", "--pretrained_weights", str(tmp_path / "region.pth"),
+             "--tile_arch", "vit_tiny", "--tile_patch_size", "8", "--tile_weights", str(tmp_path / "tile.pth"),
+             "--tile_size", "16", "--image_path", str(tmp_path / "region.png"), "--output_dir", str(tmp_path / "out")]
+    visualize_attention.main(parser.parse_args(flags))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["img.png", "hierarchical.png", "overview.png"] + [f"region_attn-head{j}.png" for j in range(HEADS)])
+    assert np.array_equal(np.asarray(Image.open(out / "img.png")), pixels[:48, :80])
+    for name in ["hierarchical.png", "region_attn-head0.png"]:
+        assert Image.open(out / name).size == (80, 48)
+    with pytest.raises(utils.InputError, match="--threshold and --pca draw a ViT's patch attention"):
+        visualize_attention.check_args(parser.parse_args(flags + ["--threshold", "0.6"]))
+    with pytest.raises(utils.InputError, match=r"\(85x50\) is smaller than one 64x64 tile"):
+        visualize_attention.main(parser.parse_args(flags[:-6] + ["--tile_size", "64", *flags[-4:]]))
+    with pytest.raises(utils.InputError, match="--tile_arch resnet18: the two-level attention needs a ViT"):
+        visualize_attention.main(parser.parse_args(flags + ["--tile_arch", "resnet18"]))
