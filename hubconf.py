@@ -1,10 +1,11 @@
-"""torch.hub entry points: the published DINO backbones, and DINOv2's, in one line.
+"""torch.hub entry points: the published DINO backbones, DINOv2's and HIPT's, in one line.
 
     import torch
     model = torch.hub.load("facebookresearch/dino:main", "dino_vits16")   # or a local checkout:
     model = torch.hub.load("/path/to/this/repo", "dino_vits16", source="local")
     model = torch.hub.load("/path/to/this/repo", "dino_vitb8", source="local", pretrained=False)
     model = torch.hub.load("/path/to/this/repo", "dinov2_vits14_reg", source="local")   # DINOv2's names
+    model = torch.hub.load("/path/to/this/repo", "hipt_vit4k_xs", source="local")   # HIPT's region model
 
 Each entry point is `name(pretrained=True, **kwargs)`; kwargs go to the model's constructor.
 Importing this file touches no network: only pretrained=True downloads, once, into
@@ -58,14 +59,18 @@ vision_transformer = _own_module("vision_transformer")
 checkpoints = _own_checkpoints(vision_transformer)
 
 
-def _load_published(model: torch.nn.Module, url: str, entrypoint: str) -> torch.nn.Module:
-    """Download (or take from the hub cache) the published state dict at url and load it strictly."""
+def _load_published(model: torch.nn.Module, url: str, entrypoint: str, checkpoint_key: str = None) -> torch.nn.Module:
+    """Download (or take from the hub cache) the published state dict at url and load it strictly; with
+    checkpoint_key, the file is a full training checkpoint (HIPT's) and its backbone is loaded."""
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     try:
-        state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(checkpoints.CHECKPOINT_SAFE_GLOBALS):  # a checkpoint's pickled args
+            state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except OSError as e:  # URLError, HTTPError and socket errors are all OSErrors
         raise RuntimeError(f"{entrypoint}: could not download {url} ({e}); without network, place that file at "
                            f"{cached}, or call {entrypoint}(pretrained=False) and load weights yourself") from None
+    if checkpoint_key is not None:
+        state_dict = checkpoints.extract_backbone_state_dict(state_dict, checkpoint_key, cached)
     checkpoints.load_state_dict_strict(model, state_dict, cached)
     return model
 
@@ -186,3 +191,22 @@ def dinov2_vitg14_reg(pretrained=True, **kwargs):
     """DINOv2's ViT-g/14 with 4 registers (Darcet et al. 2024), with SwiGLU; forward gives the normed 1536-d [CLS]
     feature."""
     return _dinov2("dinov2_vitg14_reg", pretrained, kwargs)
+
+
+def hipt_vit256_small(pretrained=True, **kwargs):
+    """HIPT's tile encoder (Chen et al., CVPR 2022): ViT-Small/16 trained with DINO on 256-pixel tiles of TCGA slides;
+    forward gives the 384-d [CLS] feature of a tile."""
+    model = vision_transformer.VIT_ARCHS["vit_small"](patch_size=16, **kwargs)
+    if pretrained:
+        _load_published(model, checkpoints.HIPT_TILE_WEIGHTS_URL, "hipt_vit256_small", checkpoint_key="teacher")
+    return model
+
+
+def hipt_vit4k_xs(pretrained=True, **kwargs):
+    """HIPT's region model (Chen et al., CVPR 2022): vit4k_xs trained with DINO on the 16 x 16 grids of
+    hipt_vit256_small's [CLS] of 4096-pixel regions; forward takes [B, 384, H, W] grids, gives the 192-d [CLS]."""
+    model = vision_transformer.REGION_ARCHS["vit4k_xs"](**kwargs)
+    if pretrained:
+        _load_published(model, checkpoints.published_weights_url("vit4k_xs", None), "hipt_vit4k_xs",
+                        checkpoint_key="teacher")
+    return model

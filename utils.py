@@ -67,9 +67,9 @@ from dinolib.process_group import (  # noqa: F401
 from dinolib.regions import (  # noqa: F401
     NORMALIZATION_FLAG_DOMAINS, REGION_CROPS_SIZE, REGION_FLAG_DOMAINS, REGION_SUFFIX, BadRegion, RegionFeatureDataset,
     RegionMultiCrop, RegionWidthError, add_normalization_args, add_region_args, build_region_backbone,
-    build_region_eval_datasets, build_tile_encoder, cell_attention, check_region_pool, embed_tiles, hierarchical_attention, is_region_arch,
-    list_region_files, partial_regions, region_grid, region_names, resolve_crop_sizes, tile_features_to_grid,
-    tile_image, tile_transform)
+    build_region_eval_datasets, build_tile_encoder, cell_attention, check_region_pool, embed_tiles,
+    hierarchical_attention, is_region_arch, list_region_files, partial_regions, region_grid, region_names,
+    resolve_crop_sizes, tile_features_to_grid, tile_image, tile_transform)
 from dinolib.tar_index import (  # noqa: F401
     COMPRESSION_MAGIC, TAR_BLOCK, TAR_FILE_TYPES, TAR_NO_DATA_TYPES, TAR_SUFFIXES, TarMember, check_uncompressed_tar,
     infer_entries_command, is_tar_path, iter_tar_members, load_tar_entries, read_file_indices, tar_class_indices,

@@ -104,7 +104,8 @@ def partial_regions(height: int, width: int, region_size: int) -> int:
 
 
 def tile_image(image: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """(C, H, W), H and W multiples of tile_size, to (rows * cols, C, t, t) tiles, row-major: tile (r, c) is r * cols + c."""
+    """(C, H, W), H and W multiples of tile_size, to (rows * cols, C, t, t) tiles, row-major: tile (r, c) is
+    r * cols + c."""
     channels = image.shape[0]
     tiles = image.unfold(1, tile_size, tile_size).unfold(2, tile_size, tile_size)  # (C, rows, cols, t, t)
     return tiles.permute(1, 2, 0, 3, 4).reshape(-1, channels, tile_size, tile_size)  # (rows * cols, C, t, t)
@@ -116,7 +117,7 @@ def tile_features_to_grid(features: torch.Tensor, rows: int, cols: int) -> torch
 
 
 def tile_transform(mean, std):
-    """PIL image to a normalised tensor, as the tiles are fed to the tile encoder (no resizing: a tile is t x t pixels)."""
+    """PIL image to a normalised tensor, as tiles are fed to the tile encoder (no resizing: a tile is t x t pixels)."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 

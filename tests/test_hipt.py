@@ -186,7 +186,8 @@ def region(side: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def test_region_grid_reads_the_tiles_row_major():
-    """HIPT's format: tile (r, c) of a rows x cols region is row r * cols + c of the file; the grid has it at [:, r, c]."""
+    """HIPT's format: tile (r, c) of a rows x cols region is row r * cols + c of the file; the grid has it at
+    [:, r, c]."""
     side, dim = 3, 4
     features = torch.tensor([[10.0 * i + d for d in range(dim)] for i in range(side * side)])
     grid = utils.region_grid(features, dim)
@@ -686,3 +687,33 @@ def test_two_level_attention_pictures(tmp_path):
         visualize_attention.main(parser.parse_args(flags[:-6] + ["--tile_size", "64", *flags[-4:]]))
     with pytest.raises(utils.InputError, match="--tile_arch resnet18: the two-level attention needs a ViT"):
         visualize_attention.main(parser.parse_args(flags + ["--tile_arch", "resnet18"]))
+
+
+# ============ hubconf: HIPT's entry points ============
+
+def test_hipt_entrypoints_load_the_published_files_from_the_hub_cache(tmp_path, monkeypatch):
+    """Offline, as the DINO entry points: full checkpoints of HIPT's layout under HIPT's file names in the hub cache
+    (weights under 'teacher', args pickled as a Namespace) load strictly; without them, one line names the file."""
+    import hubconf
+    from conftest import REPO
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=r"hipt_vit4k_xs: could not download https://github.com/mahmoodlab/HIPT/"
+                                           r"raw/master/HIPT_4K/Checkpoints/vit4k_xs_dino.pth .*place that file at "
+                                           rf"{cache}/vit4k_xs_dino.pth"):
+        hubconf.hipt_vit4k_xs()
+    torch.manual_seed(0)
+    tile_state = build_model("vit_small", patch_size=16).state_dict()
+    for name, state in (("vit4k_xs_dino.pth", hipt_state(seed=7)), ("vit256_small_dino.pth", tile_state)):
+        teacher = {**{f"backbone.{k}": v for k, v in state.items()}, "head.last_layer.weight_g": torch.ones(4, 1)}
+        torch.save({"teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch="x")}, cache / name)
+    for model in (hubconf.hipt_vit4k_xs(), torch.hub.load(REPO, "hipt_vit4k_xs", source="local")):
+        assert all(torch.equal(v, hipt_state(seed=7)[k]) for k, v in model.state_dict().items())
+        with torch.no_grad():
+            assert model.eval()(torch.randn(1, 384, 16, 16)).shape == (1, D)
+    tile = hubconf.hipt_vit256_small()
+    assert all(torch.equal(v, tile_state[k]) for k, v in tile.state_dict().items())
+    assert hubconf.hipt_vit4k_xs(pretrained=False, drop_path_rate=0.2).blocks[-1].drop_path.drop_prob == \
+        pytest.approx(0.2)
+    assert sorted(p.name for p in cache.iterdir()) == ["vit256_small_dino.pth", "vit4k_xs_dino.pth"]

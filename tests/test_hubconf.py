@@ -20,7 +20,8 @@ from vision_transformer import vit_small
 DINOV2_ENTRYPOINTS = ["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
                       "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg", "dinov2_vitg14_reg"]
 ENTRYPOINTS = {"dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50", "dino_xcit_small_12_p16",
-               "dino_xcit_small_12_p8", "dino_xcit_medium_24_p16", "dino_xcit_medium_24_p8", *DINOV2_ENTRYPOINTS}
+               "dino_xcit_small_12_p8", "dino_xcit_medium_24_p16", "dino_xcit_medium_24_p8", *DINOV2_ENTRYPOINTS,
+               "hipt_vit256_small", "hipt_vit4k_xs"}
 
 
 

@@ -1,12 +1,13 @@
 """Cut region images into tiles, embed every tile with a frozen patch-level backbone, and write HIPT's region files.
 
     # HIPT's recipe: 4096-pixel regions, 256-pixel tiles, its ViT-S/16 tile encoder and its 0.5 normalisation
-    python tools/extract_region_features.py --arch vit_small --patch_size 16 --pretrained_weights vit256_small_dino.pth \\
-        --checkpoint_key teacher --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --data_path /path/to/regions \\
-        --region_size 4096 --tile_size 256 --output_dir /path/to/region_features
+    python tools/extract_region_features.py --arch vit_small --patch_size 16 \\
+        --pretrained_weights vit256_small_dino.pth --checkpoint_key teacher --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 \\
+        --data_path /path/to/regions --region_size 4096 --tile_size 256 --output_dir /path/to/region_features
     # the demo's vit_tiny/7 on mosaics of 8 x 8 Fashion-MNIST images
-    python tools/extract_region_features.py --arch vit_tiny --patch_size 7 --pretrained_weights output/demo/checkpoint.pth \\
-        --checkpoint_key teacher --data_path data/mosaics/train --region_size 224 --tile_size 28 --output_dir features/train
+    python tools/extract_region_features.py --arch vit_tiny --patch_size 7 \\
+        --pretrained_weights output/demo/checkpoint.pth --checkpoint_key teacher --data_path data/mosaics/train \\
+        --region_size 224 --tile_size 28 --output_dir features/train
 
 Each image of --data_path (class subfolders, or an uncompressed tar indexed by tools/infer_entries.py) is cut into its
 whole regions of --region_size pixels. An image of exactly one region gives OUT/<class>/<stem>.pt; a larger one gives
