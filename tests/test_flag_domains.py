@@ -20,6 +20,7 @@ SCRIPTS = {  # name: path from the repository root, and the flags its check_args
     "knn_raw_pixels": ("experiments/fashion_mnist/knn_raw_pixels.py", []),
     "random_init": ("experiments/fashion_mnist/random_init.py", ["--output", "random.pth"]),
     "extract_region_features": ("tools/extract_region_features.py", []),
+    "make_mosaics": ("experiments/hipt_mosaics/make_mosaics.py", []),
 }
 
 _modules = {}
@@ -166,6 +167,11 @@ BAD_VALUES = [
     ("knn_raw_pixels", "--temperature 0", "--temperature 0.0: must be > 0"),
     ("random_init", "--patch_size 0", "--patch_size 0: must be >= 1"),
     ("random_init", "--seed -1", "--seed -1: must be >= 0"),
+    ("random_init", "--region_in_dim 0", "--region_in_dim 0: must be >= 1"),
+    ("make_mosaics", "--train_per_class 0", "--train_per_class 0: must be >= 1"),
+    ("make_mosaics", "--val_per_class 0", "--val_per_class 0: must be >= 1"),
+    ("make_mosaics", "--grid 0", "--grid 0: must be >= 2"),
+    ("make_mosaics", "--seed -1", "--seed -1: must be >= 0"),
     ("extract_region_features", "--patch_size 0", "--patch_size 0: must be >= 1"),
     ("extract_region_features", "--region_size 0", "--region_size 0: must be >= 1"),
     ("extract_region_features", "--tile_size 0", "--tile_size 0: must be >= 1"),

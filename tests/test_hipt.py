@@ -717,3 +717,54 @@ def test_hipt_entrypoints_load_the_published_files_from_the_hub_cache(tmp_path, 
     assert hubconf.hipt_vit4k_xs(pretrained=False, drop_path_rate=0.2).blocks[-1].drop_path.drop_prob == \
         pytest.approx(0.2)
     assert sorted(p.name for p in cache.iterdir()) == ["vit256_small_dino.pth", "vit4k_xs_dino.pth"]
+
+
+# ============ experiments/hipt_mosaics ============
+
+def test_mosaics_differ_by_arrangement_only(tmp_path):
+    """Every mosaic holds half shoes, half shirts, all different images; class 0 has the shoes in the top rows,
+    class 1 in the bottom rows. The images are flat squares whose grey level names their class and index."""
+    import importlib.util
+    import os
+    import numpy as np
+    from PIL import Image
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("make_mosaics", f"{REPO}/experiments/hipt_mosaics/make_mosaics.py")
+    make_mosaics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_mosaics)
+    names = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt", "7_sneaker",
+             "8_bag", "9_ankle_boot"]
+    for split in ("train", "val"):
+        for c, name in enumerate(names):
+            os.makedirs(tmp_path / "fm" / split / name)
+            for j in range(12):
+                Image.fromarray(np.full((5, 5, 3), 20 * c + j, np.uint8)).save(tmp_path / "fm" / split / name /
+                                                                                f"{j}.png")
+    args = make_mosaics.get_args_parser().parse_args(["--data_path", str(tmp_path / "fm"), "--output_dir",
+                                                      str(tmp_path / "out"), "--train_per_class", "3",
+                                                      "--val_per_class", "2", "--grid", "4"])
+    make_mosaics.main(args)
+    shoes, shirts = {5, 7, 9}, {0, 2, 6}
+    for split, per_class in (("train", 3), ("val", 2)):
+        for label, (upper, lower) in enumerate(((shoes, shirts), (shirts, shoes))):
+            folder = tmp_path / "out" / split / make_mosaics.CLASSES[label]
+            assert sorted(os.listdir(folder)) == [f"{i:05d}.png" for i in range(per_class)]
+            for i in range(per_class):
+                pixels = np.asarray(Image.open(folder / f"{i:05d}.png"))
+                assert pixels.shape == (20, 20, 3)
+                levels = pixels[::5, ::5, 0].astype(int)  # one grey level per tile, (4, 4)
+                assert np.array_equal(pixels[..., 0], np.kron(levels, np.ones((5, 5), int)))  # flat tiles
+                assert {v // 20 for v in levels[:2].ravel()} <= upper and {v // 20 for v in levels[2:].ravel()} <= lower
+                assert len(set(levels.ravel())) == 16  # no image twice in a mosaic
+    with pytest.raises(utils.InputError, match="--grid 5: must be even"):
+        make_mosaics.check_args(make_mosaics.get_args_parser().parse_args(["--grid", "5"]))
+
+
+def test_the_experiment_script_parses_and_asks_for_the_tile_encoder(tmp_path):
+    import subprocess
+    from conftest import REPO
+    script = f"{REPO}/experiments/hipt_mosaics/run.sh"
+    assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
+    env = {"PATH": "/usr/bin:/bin", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "give TILE_WEIGHTS" in proc.stderr and not (tmp_path / "out").exists()

@@ -3,9 +3,10 @@
     python experiments/fashion_mnist/random_init.py --arch vit_tiny --patch_size 7 --output /tmp/vit_tiny7_random.pth
     python eval_knn.py --arch vit_tiny --patch_size 7 --pretrained_weights /tmp/vit_tiny7_random.pth \
         --checkpoint_key none --data_path data/fashion_mnist --resize_size 28 --crop_size 28 --nb_knn 10 20
+    python experiments/fashion_mnist/random_init.py --arch vit4k_xs --region_in_dim 192 --output /tmp/vit4k_random.pth
 
-The file holds build_model(arch, patch_size=...).state_dict() after torch.manual_seed(--seed): the same
-initialisation main_dino.py starts the student and the teacher from with the same seed and architecture.
+The file holds build_model(arch, patch_size=..., region_in_dim=...).state_dict() after torch.manual_seed(--seed): the
+same initialisation main_dino.py starts the student and the teacher from with the same seed and architecture.
 """
 import argparse
 import os
@@ -21,12 +22,13 @@ from vision_transformer import build_model  # noqa: E402
 def get_args_parser():
     parser = argparse.ArgumentParser("Random-init backbone weights", add_help=False)
     utils.add_model_args(parser)
+    utils.add_region_args(parser)
     parser.add_argument("--seed", default=0, type=int, help="torch.manual_seed before building the model.")
     parser.add_argument("--output", required=True, type=str, help="Where the state dict is written (.pth).")
     return parser
 
 
-FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, "seed": utils.NON_NEGATIVE}
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, **utils.REGION_FLAG_DOMAINS, "seed": utils.NON_NEGATIVE}
 
 
 def check_args(args) -> None:
@@ -37,7 +39,7 @@ def check_args(args) -> None:
 def main(args):
     check_args(args)
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, patch_size=args.patch_size)
+    model = build_model(args.arch, patch_size=args.patch_size, region_in_dim=args.region_in_dim)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise utils.InputError(f"--output {args.output}: folder {out_dir} does not exist")
