@@ -6,12 +6,27 @@ HIPT's state-dict layout written out from REFERENCE.md, tile orders and crops by
 slow loop.
 """
 import argparse
+import importlib.util
+import json
 import math
+import os
+import re
+import subprocess
+import tarfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import eval_knn
+import hubconf
+import main_dino
 import utils
+import visualize_attention
+from conftest import REPO, run_in_gloo_processes, run_script
+from test_distributed_equivalence import assert_same_weights
+from test_experiments import numpy_weighted_knn
 from test_vision_transformer import bicubic_resize_reference
 from vision_transformer import REGION_ARCHS, RegionVisionTransformer, build_model
 
@@ -312,7 +327,6 @@ def test_region_crops_are_windows_of_the_grid_flipped_half_the_time():
 # ============ main_dino.py with a region arch ============
 
 def test_crop_sizes_count_cells_for_a_region_arch_and_the_other_defaults_are_hipts():
-    import main_dino
     parser = main_dino.get_args_parser()
     region = utils.resolve_crop_sizes(parser.parse_args(["--arch", "vit4k_xs"]), main_dino.CROPS_SIZE)
     assert (region.global_crops_size, region.local_crops_size) == (14, 6)
@@ -362,8 +376,6 @@ def region_training_args(data, knn, out, epochs):
 def test_region_training_skips_bad_files_monitors_knn_and_resumes(tmp_path):
     """Two runs of main_dino.py --arch vit4k_xs: epoch 0, then the same command with --epochs 2 resumes at epoch 1,
     with the learning rate of epoch 1 (written out from the cosine schedule: it continued, it did not restart)."""
-    import json
-    from conftest import run_script
     data, knn = write_region_folders(tmp_path)
     out = tmp_path / "out"
     first = run_script(region_training_args(data, knn, out, 1))
@@ -391,7 +403,6 @@ B = 4  # regions per process in the 2-process run; the 1-process run takes all 2
 def region_dino_steps(rank: int) -> dict:
     """main_dino's networks for vit4k_xs and 2 of its DINO steps on this process's rows of fixed crops; the losses,
     the center and the weights after them."""
-    import main_dino
     world_size = utils.get_world_size()
     batch = 2 * B // world_size
     args = main_dino.get_args_parser().parse_args([
@@ -417,8 +428,6 @@ def region_dino_steps(rank: int) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_take_the_same_region_steps_as_one():
-    from conftest import run_in_gloo_processes
-    from test_distributed_equivalence import assert_same_weights
     ranks = run_in_gloo_processes(region_dino_steps)
     single = region_dino_steps(0)
     assert ranks[0]["losses"] != ranks[1]["losses"]  # the ranks saw different regions
@@ -450,7 +459,6 @@ def write_labelled_regions(root, dim=16, side=4, per_class=(8, 4), shift=1.5) ->
 
 
 def test_region_pool_mean_is_for_region_archs_without_weights():
-    import eval_knn
     parser = eval_knn.get_args_parser()
     with pytest.raises(utils.InputError, match="--region_pool mean: for region feature grids .* not --arch vit_small"):
         eval_knn.check_args(parser.parse_args(["--region_pool", "mean"]))
@@ -471,7 +479,6 @@ def test_region_eval_splits_need_the_same_classes(tmp_path):
 
 
 def knn_top1(out: str, k: int) -> float:
-    import re
     return float(re.search(rf"^{k}-NN classifier result: Top1: ([\d.]+)", out, re.M).group(1))
 
 
@@ -479,9 +486,6 @@ def knn_top1(out: str, k: int) -> float:
 def test_region_knn_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
     """eval_knn.py's top-1 equals a weighted k-NN written out here on features computed here: the float64 forward
     of the region model (its weights a backbone-only file), and the mean of each region's tile features."""
-    import numpy as np
-    from conftest import run_script
-    from test_experiments import numpy_weighted_knn
     written = write_labelled_regions(tmp_path / "data")
     state = hipt_state(in_dim=16, seed=5)
     torch.save(state, tmp_path / "vit4k_xs.pth")
@@ -510,8 +514,6 @@ def test_region_knn_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
 
 @pytest.mark.slow
 def test_region_linear_probe_of_vit4k_xs_and_of_the_mean_of_the_tiles(tmp_path):
-    import json
-    from conftest import run_script
     write_labelled_regions(tmp_path / "data", shift=3.0)
     torch.save(hipt_state(in_dim=16, seed=5), tmp_path / "vit4k_xs.pth")
     args = ["eval_linear.py", "--arch", "vit4k_xs", "--region_in_dim", 16, "--data_path", tmp_path / "data",
@@ -567,10 +569,6 @@ def test_extraction_writes_hipts_files_in_tile_order_and_resumes_from_a_tar(tmp_
     """Images of one region, of two whole regions and a remainder, smaller than a region, and unreadable; each region
     file holds the [CLS] of its tiles, row by row, computed here from the pixels (HIPT's 0.5 normalisation written
     out). Then one file is removed and the tar of the same folder fills it in: the others are not computed again."""
-    import numpy as np
-    import tarfile
-    from PIL import Image
-    from conftest import run_script
     rng = np.random.default_rng(0)
     data = tmp_path / "images"
     pixels = {"one/exact": rng.integers(0, 256, (32, 32, 3)), "one/wide": rng.integers(0, 256, (40, 70, 3)),
@@ -618,8 +616,6 @@ def test_extraction_writes_hipts_files_in_tile_order_and_resumes_from_a_tar(tmp_
     ("--tile_size 8 --region_size 64", "--patch_size 16 is larger than --tile_size 8"),
 ])
 def test_extraction_flags_that_cannot_work_are_one_line(flags, message):
-    import importlib.util
-    from conftest import REPO
     spec = importlib.util.spec_from_file_location("extract_region_features",
                                                   f"{REPO}/tools/extract_region_features.py")
     tool = importlib.util.module_from_spec(spec)
@@ -661,9 +657,6 @@ def test_cell_attention_is_the_cls_row_of_the_last_block_on_the_grid():
 def test_two_level_attention_pictures(tmp_path):
     """visualize_attention.py --arch vit4k_xs on a 48 x 80 region of 16-pixel tiles (3 x 5), a vit_tiny/8 tile
     encoder: the region as it was cut, one map per region head over the tiles, the two-level heatmap."""
-    import numpy as np
-    from PIL import Image
-    import visualize_attention
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (50, 85, 3)).astype(np.uint8)  # bottom and right remainders are dropped
     Image.fromarray(pixels).save(tmp_path / "region.png")
@@ -694,8 +687,6 @@ def test_two_level_attention_pictures(tmp_path):
 def test_hipt_entrypoints_load_the_published_files_from_the_hub_cache(tmp_path, monkeypatch):
     """Offline, as the DINO entry points: full checkpoints of HIPT's layout under HIPT's file names in the hub cache
     (weights under 'teacher', args pickled as a Namespace) load strictly; without them, one line names the file."""
-    import hubconf
-    from conftest import REPO
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -724,11 +715,6 @@ def test_hipt_entrypoints_load_the_published_files_from_the_hub_cache(tmp_path, 
 def test_mosaics_differ_by_arrangement_only(tmp_path):
     """Every mosaic holds half shoes, half shirts, all different images; class 0 has the shoes in the top rows,
     class 1 in the bottom rows. The images are flat squares whose grey level names their class and index."""
-    import importlib.util
-    import os
-    import numpy as np
-    from PIL import Image
-    from conftest import REPO
     spec = importlib.util.spec_from_file_location("make_mosaics", f"{REPO}/experiments/hipt_mosaics/make_mosaics.py")
     make_mosaics = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_mosaics)
@@ -761,8 +747,6 @@ def test_mosaics_differ_by_arrangement_only(tmp_path):
 
 
 def test_the_experiment_script_parses_and_asks_for_the_tile_encoder(tmp_path):
-    import subprocess
-    from conftest import REPO
     script = f"{REPO}/experiments/hipt_mosaics/run.sh"
     assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
     env = {"PATH": "/usr/bin:/bin", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}

@@ -119,9 +119,11 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def rate(self, done: int) -> float:
+        """Images per second since the start."""
         return done / max(time.time() - self.start, 1e-9)
 
     def update(self, done: int, written: int) -> None:
+        """Show that done images are through and written regions written."""
         tenth = done * 10 // max(self.total, 1)
         if not self.tty and tenth == self.shown and done != self.total:
             return

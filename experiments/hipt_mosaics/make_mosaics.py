@@ -80,6 +80,7 @@ def mosaic(top: np.ndarray, bottom: np.ndarray, grid: int) -> np.ndarray:
 
 
 def write_split(groups: dict, out: str, per_class: int, grid: int, rng: np.random.Generator) -> None:
+    """per_class mosaics of each class in out/<class>/, each image drawn once at most in a mosaic."""
     half = grid * grid // 2
     for name in ("shoes", "shirts"):
         if len(groups[name]) < half:
