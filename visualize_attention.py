@@ -38,6 +38,7 @@ import matplotlib.image
 import numpy as np
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
@@ -181,9 +182,13 @@ def two_level_attention(args, device: torch.device) -> None:
     region_attention = utils.cell_attention(region_model, grid)  # (heads, rows, cols)
     tile_attention = torch.cat([utils.cls_attention_maps(tile_encoder, tiles[i:i + TILE_BATCH].to(device)).mean(1)
                                 for i in range(0, len(tiles), TILE_BATCH)])  # (rows * cols, h, w), heads averaged
-    hierarchical = utils.hierarchical_attention(region_attention.mean(0), tile_attention)  # (rows * h, cols * w)
+    h, w = tile_attention.shape[-2:]
+    tile_pixels = utils.upsample_patches(tile_attention[:, None], args.tile_patch_size)[:, 0]  # (n, h * p, w * p)
+    # a tile side that is not a multiple of the patch size has a remainder that no patch covers: no attention there
+    tile_pixels = F.pad(tile_pixels, (0, t - tile_pixels.shape[-1], 0, t - tile_pixels.shape[-2]))  # (n, t, t)
+    hierarchical = utils.hierarchical_attention(region_attention.mean(0), tile_pixels)  # (rows * t, cols * t)
     print(f"Region {image.width}x{image.height}: {rows}x{cols} tiles of {t} pixels; {region_attention.shape[0]} "
-          f"heads of {args.arch} over the tiles, {tile_attention.shape[-2]}x{tile_attention.shape[-1]} patches a tile")
+          f"heads of {args.arch} over the tiles, {h}x{w} patches a tile")
 
     # ============ writing figures ... ============
     os.makedirs(args.output_dir, exist_ok=True)
@@ -191,7 +196,7 @@ def two_level_attention(args, device: torch.device) -> None:
     region_maps = utils.upsample_patches(region_attention[None], t)[0].cpu().numpy()  # (heads, H, W)
     for j, attention in enumerate(region_maps):
         matplotlib.image.imsave(os.path.join(args.output_dir, f"region_attn-head{j}.png"), attention, format="png")
-    pixels = utils.upsample_patches(hierarchical[None, None], args.tile_patch_size)[0, 0].cpu().numpy()  # (H, W)
+    pixels = hierarchical.cpu().numpy()  # (H, W)
     matplotlib.image.imsave(os.path.join(args.output_dir, "hierarchical.png"), pixels, format="png")
     save_two_level_overview(np.asarray(image), region_maps, pixels, os.path.join(args.output_dir, "overview.png"))
     print(f"img.png, region_attn-head{{j}}.png, hierarchical.png and overview.png saved in {args.output_dir}")

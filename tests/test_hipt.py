@@ -14,6 +14,7 @@ import re
 import subprocess
 import tarfile
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -674,6 +675,17 @@ def test_two_level_attention_pictures(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "img.png")), pixels[:48, :80])
     for name in ["hierarchical.png", "region_attn-head0.png"]:
         assert Image.open(out / name).size == (80, 48)
+    # 20-pixel tiles of 8-pixel patches: the 4 last rows and columns of each tile have no patch, and no attention
+    visualize_attention.main(parser.parse_args(flags[:-6] + ["--tile_size", "20", *flags[-4:-1], str(tmp_path / "r")]))
+    heat = np.asarray(Image.open(tmp_path / "r" / "hierarchical.png").convert("RGB")).astype(int)  # (40, 80, 3)
+    lowest = np.round(np.array(matplotlib.colormaps["viridis"](0.0)[:3]) * 255)  # imsave's colour of the minimum, 0
+    uncovered = np.zeros((40, 80), bool)
+    for k in range(2):
+        uncovered[20 * k + 16:20 * (k + 1)] = True
+    for k in range(4):
+        uncovered[:, 20 * k + 16:20 * (k + 1)] = True
+    assert heat.shape == (40, 80, 3) and (np.abs(heat[uncovered] - lowest) <= 1).all()
+    assert (np.abs(heat[~uncovered] - lowest) > 1).any(axis=-1).all()  # every covered pixel has some attention
     with pytest.raises(utils.InputError, match="--threshold and --pca draw a ViT's patch attention"):
         visualize_attention.check_args(parser.parse_args(flags + ["--threshold", "0.6"]))
     with pytest.raises(utils.InputError, match=r"\(85x50\) is smaller than one 64x64 tile"):
