@@ -214,8 +214,9 @@ def test_compile_flag_keeps_the_checkpoint_keys():
     student, teacher, teacher_without_ddp = main_dino.build_networks(args, ONE_CPU)
     assert [set(m.state_dict()) for m in (student, teacher)] == plain_keys
     for model in (student.module, teacher_without_ddp):
-        compiled_backbone, compiled_head = model.__dict__["_compiled"]  # what the wrapper's forward calls
+        compiled_backbone, compiled_features, compiled_head, compiled_ibot_head = model.__dict__["_compiled"]
         assert compiled_backbone._orig_mod is model.backbone and compiled_head._orig_mod is model.head
+        assert compiled_ibot_head is None  # the DINO head serves iBOT's patches, when iBOT is on
         assert model.backbone._compiled_call_impl is None  # the backbone itself stays eager for the k-NN monitoring
 
 

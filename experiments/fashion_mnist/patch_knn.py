@@ -1,0 +1,81 @@
+"""Weighted k-NN of a frozen ViT two ways: its [CLS] (what eval_knn.py scores) and the mean of its last layer's patch
+tokens, a patch-level measure (iBOT's loss trains the patch tokens; the [CLS] k-NN does not see them).
+
+    python experiments/fashion_mnist/patch_knn.py --arch vit_tiny --patch_size 7 \
+        --pretrained_weights output/demo/checkpoint.pth --data_path data/fashion_mnist_demo
+
+Bank: data_path/train; queries: data_path/val; eval_knn.py's transform, L2 normalisation and vote
+(utils.knn_classifier). Prints one line per feature and k, and a JSON line of all of them.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import utils  # noqa: E402
+from vision_transformer import DINOV2_ARCHS, VIT_ARCHS  # noqa: E402
+
+
+class PatchMean(nn.Module):
+    """A ViT whose feature is the mean of its last layer's normed patch tokens (registers left out)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit, self.embed_dim = vit, vit.embed_dim
+
+    def forward(self, x):
+        return self.vit.forward_features(x)["x_norm_patchtokens"].mean(dim=1)  # (B, D)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("k-NN of the [CLS] and of the mean patch token", add_help=False)
+    utils.add_model_args(parser)
+    utils.add_weights_args(parser)
+    utils.add_eval_size_args(parser)
+    parser.set_defaults(arch="vit_tiny", patch_size=7, resize_size=28, crop_size=28)
+    parser.add_argument("--data_path", default="data/fashion_mnist_demo", type=str,
+                        help="Folder with train/ (the bank) and val/ (the queries) ImageFolders.")
+    parser.add_argument("--nb_knn", default=[20], nargs="+", type=int, help="Numbers of neighbours.")
+    parser.add_argument("--temperature", default=0.07, type=float, help="Temperature of the vote.")
+    parser.add_argument("--batch_size", default=256, type=int, help="Images per forward pass.")
+    parser.add_argument("--num_workers", default=1, type=int, help="Data-loading workers.")
+    return parser
+
+
+FLAG_DOMAINS = {**utils.MODEL_FLAG_DOMAINS, **utils.EVAL_SIZE_FLAG_DOMAINS, "nb_knn": utils.AT_LEAST_ONE,
+                "temperature": utils.POSITIVE, "batch_size": utils.AT_LEAST_ONE, "num_workers": utils.NON_NEGATIVE}
+
+
+def check_args(args) -> None:
+    """One-line errors for flag values that would fail later."""
+    utils.check_flag_domains(args, FLAG_DOMAINS)
+    if args.arch not in VIT_ARCHS and args.arch not in DINOV2_ARCHS:
+        raise utils.InputError(f"--arch {args.arch}: patch tokens need a ViT")
+    utils.check_patch_fits(args, "crop_size")
+
+
+def main(args):
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = utils.build_frozen_backbone(args, device)
+    transform = utils.eval_transform(args.resize_size, args.crop_size)
+    train, val = utils.build_eval_datasets(args.data_path, transform, transform)
+    loaders = [utils.feature_loader(d, args.batch_size, args.num_workers, device) for d in (train, val)]
+    results = {}
+    for name, model in (("cls", backbone), ("patch_mean", PatchMean(backbone))):
+        (bank, bank_labels), (queries, labels) = (utils.extract_features(model, loader, device, device)
+                                                  for loader in loaders)
+        for k, (top1, top5) in utils.knn_classifier(bank, bank_labels, queries, labels, args.nb_knn,
+                                                    args.temperature, len(train.classes)).items():
+            print(f"{name} {k}-NN: top-1 {top1:.2f}, top-5 {top5:.2f}")
+            results[f"{name}_{k}nn_top1"] = top1
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("k-NN of the [CLS] and of the mean patch token", parents=[get_args_parser()])
+    utils.run_main(main, parser.parse_args())
