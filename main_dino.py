@@ -133,7 +133,9 @@ class DINO:
         masks = utils.collate_masks(2 * batch_size, grid[0] * grid[1], objectives.mask_ratio_min_max,
                                     objectives.mask_sample_probability, self.mask_generator)
         n_masked = len(masks["mask_indices_list"])
-        masks = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in masks.items()}
+        pin = device.type == "cuda"  # pinned: the copies do not wait for the GPU
+        masks = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in masks.items()}
         return {**masks, "n_masked": n_masked}
 
     @torch.no_grad()

@@ -14,21 +14,25 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import utils  # noqa: E402
 from vision_transformer import DINOV2_ARCHS, VIT_ARCHS  # noqa: E402
 
 
-class PatchMean(nn.Module):
-    """A ViT whose feature is the mean of its last layer's normed patch tokens (registers left out)."""
+class ClsAndPatchMean(nn.Module):
+    """A ViT's [CLS] and the mean of its last layer's normed patch tokens (registers left out), each L2-normalised,
+    side by side: (B, 2 * D), one forward pass for both."""
 
     def __init__(self, vit: nn.Module):
         super().__init__()
-        self.vit, self.embed_dim = vit, vit.embed_dim
+        self.vit, self.embed_dim = vit, 2 * vit.embed_dim
 
     def forward(self, x):
-        return self.vit.forward_features(x)["x_norm_patchtokens"].mean(dim=1)  # (B, D)
+        out = self.vit.forward_features(x)
+        return torch.cat((F.normalize(out["x_norm_clstoken"], dim=-1),
+                          F.normalize(out["x_norm_patchtokens"].mean(dim=1), dim=-1)), dim=-1)
 
 
 def get_args_parser():
@@ -65,11 +69,14 @@ def main(args):
     transform = utils.eval_transform(args.resize_size, args.crop_size)
     train, val = utils.build_eval_datasets(args.data_path, transform, transform)
     loaders = [utils.feature_loader(d, args.batch_size, args.num_workers, device) for d in (train, val)]
+    (bank, bank_labels), (queries, labels) = (utils.extract_features(ClsAndPatchMean(backbone), loader, device,
+                                                                     device) for loader in loaders)
+    dim = backbone.embed_dim
     results = {}
-    for name, model in (("cls", backbone), ("patch_mean", PatchMean(backbone))):
-        (bank, bank_labels), (queries, labels) = (utils.extract_features(model, loader, device, device)
-                                                  for loader in loaders)
-        for k, (top1, top5) in utils.knn_classifier(bank, bank_labels, queries, labels, args.nb_knn,
+    for name, half in (("cls", slice(0, dim)), ("patch_mean", slice(dim, 2 * dim))):
+        # each half normalised again: extract_features normalised the pair, which halves every cosine similarity
+        bank_half, queries_half = F.normalize(bank[:, half], dim=-1), F.normalize(queries[:, half], dim=-1)
+        for k, (top1, top5) in utils.knn_classifier(bank_half, bank_labels, queries_half, labels, args.nb_knn,
                                                     args.temperature, len(train.classes)).items():
             print(f"{name} {k}-NN: top-1 {top1:.2f}, top-5 {top5:.2f}")
             results[f"{name}_{k}nn_top1"] = top1
