@@ -12,6 +12,7 @@
 Training resumes from output_dir/checkpoint.pth when it exists.
 """
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -24,52 +25,88 @@ import torch
 import torch.nn as nn
 
 import utils
-from vision_transformer import DINOHead, build_model
+from vision_transformer import DINOV2_ARCHS, VIT_ARCHS, DINOHead, build_model
 
 PATCH_SIZE = 16  # --patch_size of the DINO ViTs when not given (DINOv2 archs: 14)
 CROPS_SIZE = (224, 96)  # --global_crops_size and --local_crops_size when not given (region archs: 14 and 6 cells)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objectives:
+    """What the step optimises beside the original's [CLS] loss: DINOv2's objectives, all off by default.
+
+    centering: how the teacher's outputs become targets, `centering` (the original's) or `sinkhorn_knopp`;
+    ibot_loss_weight: iBOT's masked-patch loss, on mask_sample_probability of the global crops with a masked
+    share in mask_ratio_min_max; koleo_loss_weight: KoLeo on the student's backbone [CLS] of each global crop.
+    """
+    centering: str = "centering"
+    ibot_loss_weight: float = 0.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: tuple = (0.1, 0.5)
+    koleo_loss_weight: float = 0.0
+
+    @classmethod
+    def from_args(cls, args) -> "Objectives":
+        return cls(args.centering, args.ibot_loss_weight, args.mask_sample_probability,
+                   tuple(args.mask_ratio_min_max), args.koleo_loss_weight)
+
+    @property
+    def ibot(self) -> bool:
+        return self.ibot_loss_weight > 0
+
+    @property
+    def koleo(self) -> bool:
+        return self.koleo_loss_weight > 0
+
+
 class DINO:
     """What one iteration of the paper's Algorithm 1 updates: the student (by its optimizer), the teacher (by EMA)
-    and the loss's center, with the precision they run in (autocast and the fp16 GradScaler)."""
+    and the losses' centers, with the precision they run in (autocast and the fp16 GradScaler). With DINOv2's
+    objectives on, the same step also masks patches of the student's global crops (iBOT) and spreads its [CLS]
+    features (KoLeo)."""
 
     def __init__(self, student, teacher, teacher_without_ddp, dino_loss, optimizer, autocast: dict, fp16_scaler,
-                 clip_grad: float, freeze_last_layer: int, centering: str = "centering"):
+                 clip_grad: float, freeze_last_layer: int, objectives: Objectives = Objectives(),
+                 ibot_patch_loss: utils.iBOTPatchLoss = None, mask_generator: utils.MaskingGenerator = None):
         self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
         self.dino_loss, self.optimizer = dino_loss, optimizer
         self.autocast, self.fp16_scaler = autocast, fp16_scaler
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
-        self.centering = centering
+        self.objectives = objectives
+        self.ibot_patch_loss, self.mask_generator = ibot_patch_loss, mask_generator
+        self.koleo_loss = utils.KoLeoLoss() if objectives.koleo else None
+        self.layout = None  # checkpoint_layout of the flags that built it (DINO.build): what a resume must match
 
     @classmethod
     def build(cls, args, dist_env: utils.Distributed) -> "DINO":
-        """main_dino's networks, loss, optimizer and precision for these flags, on dist_env.device."""
+        """main_dino's networks, losses, optimizer and precision for these flags, on dist_env.device."""
         student, teacher, teacher_without_ddp = build_networks(args, dist_env)
         dino_loss = utils.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                                    args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
         # fused AdamW: one kernel for all parameters (on CUDA, GradScaler then skips inf steps without a host
         # sync; on CPU the foreach update runs one small op per tensor, 15% of vit_tiny/7's step at 28 pixels)
-        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student),
+        optimizer = utils.build_optimizer(args.optimizer, build_params_groups(student, args),
                                           fused=dist_env.device.type in ("cuda", "cpu"))
         autocast, fp16_scaler = build_precision(args, dist_env.device)
-        return cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
-                   fp16_scaler, args.clip_grad, args.freeze_last_layer, args.centering)
+        objectives = Objectives.from_args(args)
+        ibot_patch_loss = mask_generator = None
+        if objectives.ibot:
+            ibot_patch_loss = utils.iBOTPatchLoss(ibot_out_dim(args)).to(dist_env.device)
+            mask_generator = utils.mask_generator_for(args.global_crops_size, args.patch_size)
+        dino = cls(student, teacher, teacher_without_ddp, dino_loss.to(dist_env.device), optimizer, autocast,
+                   fp16_scaler, args.clip_grad, args.freeze_last_layer, objectives, ibot_patch_loss, mask_generator)
+        dino.layout = checkpoint_layout(args)
+        return dino
 
     def train_step(self, images: list, epoch: int, momentum: float, teacher_temp: float) -> dict:
-        """One iteration of the paper's Algorithm 1 on crops already on the device. Returns the loss and the
-        collapse diagnostics (utils.teacher_diagnostics) by name, left on the device (no host sync)."""
+        """One iteration of the paper's Algorithm 1 on crops already on the device. Returns, by name and left on
+        the device (no host sync), the loss, each of its weighted terms (they sum to it) and the collapse
+        diagnostics (utils.teacher_diagnostics; the iBOT head's beside them)."""
+        masks = self.draw_masks(len(images[0]), images[0].device) if self.objectives.ibot else None
         with torch.autocast(**self.autocast):
             with torch.no_grad():
-                teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher
-                if self.centering == "sinkhorn_knopp":
-                    teacher_probs = self.dino_loss.sinkhorn_knopp_teacher(teacher_output, teacher_temp)
-                else:  # the original's: centre, then sharpen
-                    teacher_probs = self.dino_loss.softmax_center_teacher(teacher_output, teacher_temp)
-            student_output = self.student(images)
-            loss = self.dino_loss.cross_entropy(student_output, teacher_probs)
-            if self.centering == "centering":
-                self.dino_loss.update_center(teacher_output)
+                teacher_probs, teacher_patch_probs = self.teacher_targets(images[:2], masks, teacher_temp)
+            loss, terms = self.student_loss(images, masks, teacher_probs, teacher_patch_probs)
 
         # student update
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,7 +120,78 @@ class DINO:
 
         # EMA update for the teacher
         utils.update_teacher(self.student.module, self.teacher_without_ddp, momentum)
-        return {"loss": loss.detach(), **utils.teacher_diagnostics(teacher_probs, loss)}
+        dino_part = terms["dino_global_crops_loss"] + terms.get("dino_local_crops_loss", 0)
+        metrics = {"loss": loss.detach(), **terms, **utils.teacher_diagnostics(teacher_probs, dino_part)}
+        if masks is not None:
+            entropy, batch_entropy = (utils.teacher_entropies(teacher_patch_probs) if masks["n_masked"] else
+                                      teacher_patch_probs.new_zeros(2))  # no masked patch in this step
+            metrics.update(ibot_teacher_entropy=entropy, ibot_teacher_batch_entropy=batch_entropy)
+        return metrics
+
+    def draw_masks(self, batch_size: int, device: torch.device) -> dict:
+        """iBOT's masks of this step's 2 x batch_size global crops (utils.collate_masks, drawn from Python's random
+        as DINOv2's collate does), on device; n_masked, the number of masked patches, stays on the host."""
+        grid = self.mask_generator.get_shape()
+        objectives = self.objectives
+        masks = utils.collate_masks(2 * batch_size, grid[0] * grid[1], objectives.mask_ratio_min_max,
+                                    objectives.mask_sample_probability, self.mask_generator)
+        n_masked = len(masks["mask_indices_list"])
+        pin = device.type == "cuda"  # pinned: the copies do not wait for the GPU
+        masks = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in masks.items()}
+        return {**masks, "n_masked": n_masked}
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: list, masks: dict, teacher_temp: float) -> tuple:
+        """The teacher's [CLS] distributions of the 2 global crops and, with iBOT, its patch distributions at the
+        positions the student's masks hide (None without): centred and sharpened (the centers then move on), or
+        Sinkhorn-Knopp's. The teacher sees the crops unmasked."""
+        if masks is None:
+            cls, patch = self.teacher(global_crops), None  # only the 2 global views pass through the teacher
+        else:
+            out = self.teacher(global_crops, patch_index=masks["mask_indices_list"])
+            cls, patch = out["cls"], out["patch"]
+        if self.objectives.centering == "sinkhorn_knopp":
+            probs = self.dino_loss.sinkhorn_knopp_teacher(cls, teacher_temp)
+            patch_probs = None if patch is None else self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                patch, teacher_temp, masks["n_masked_patches"])
+            return probs, patch_probs
+        # the original's: centre, then sharpen; the centers' EMA then takes in this batch
+        probs = self.dino_loss.softmax_center_teacher(cls, teacher_temp)
+        self.dino_loss.update_center(cls)
+        patch_probs = None
+        if patch is not None:
+            patch_probs = self.ibot_patch_loss.softmax_center_teacher(patch, teacher_temp)
+            self.ibot_patch_loss.update_center(patch)
+        return probs, patch_probs
+
+    def student_loss(self, images: list, masks: dict, teacher_probs, teacher_patch_probs) -> tuple:
+        """(the loss to minimise, its terms by DINOv2's names, detached). The [CLS] term is the original's mean over
+        (teacher crop, other student crop) pairs; iBOT's and KoLeo's add with DINOv2's factors and the flags'
+        weights."""
+        objectives = self.objectives
+        inputs = {}
+        if masks is not None:  # the student's global crops masked, its patch outputs where they are
+            inputs.update(masks=masks["collated_masks"], patch_index=masks["mask_indices_list"])
+        if objectives.koleo:
+            inputs["backbone_cls"] = True
+        out = self.student(images, **inputs)
+        student_cls = out["cls"] if inputs else out
+        loss, terms = self.dino_loss.cross_entropy_terms(student_cls, teacher_probs)
+        if objectives.koleo:
+            # per global crop, among the process's images: DINOv2 does not compare the 2 crops of an image
+            koleo = objectives.koleo_loss_weight * sum(self.koleo_loss(c) for c in out["backbone_cls"].chunk(2))
+            loss = loss + koleo
+            terms["koleo_loss"] = koleo.detach()
+        if masks is not None:
+            # DINOv2 scales the masked-patch loss by 2 (both global crops in one call) and by 1 / 2 (per global
+            # crop): a factor of 1. forward_masked already averages over the 2 x B crops.
+            ibot = objectives.ibot_loss_weight * self.ibot_patch_loss.forward_masked(
+                out["patch"], teacher_patch_probs, student_masks_flat=masks["collated_masks"],
+                masks_weight=masks["masks_weight"])
+            loss = loss + ibot
+            terms["ibot_loss"] = ibot.detach()
+        return loss, terms
 
     @property
     def precision(self) -> str:
@@ -93,24 +201,29 @@ class DINO:
         return "bf16" if self.autocast["dtype"] == torch.bfloat16 else "fp16"
 
     def state_dict(self) -> dict:
-        """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries."""
+        """The checkpoint's student, teacher, optimizer, dino_loss and, with fp16, fp16_scaler entries; with iBOT,
+        ibot_patch_loss (its center)."""
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "dino_loss": self.dino_loss.state_dict()}
         if self.fp16_scaler.is_enabled():
             state["fp16_scaler"] = self.fp16_scaler.state_dict()
+        if self.ibot_patch_loss is not None:
+            state["ibot_patch_loss"] = self.ibot_patch_loss.state_dict()
         return state
 
     def resume(self, ckp_path: str) -> dict:
         """Load the networks, optimizer, loss scale and center from ckp_path if it exists; return the checkpoint.
 
         Checkpoints of the original code load too (its parameter order, `args` as a Namespace). A change of
-        precision or device is accepted and said; another architecture or out_dim is one line naming the shapes.
+        precision or device is accepted and said; another architecture or out_dim is one line naming the shapes,
+        a change of the options that shape the checkpoint (iBOT, its head, LayerScale) one line naming the flag.
         """
         scaler_on = self.fp16_scaler.is_enabled()
         checkpoint = utils.restart_from_checkpoint(
-            ckp_path, optional=("fp16_scaler",), student=self.student, teacher=self.teacher,
-            optimizer=self.optimizer, params_of=("student", self.student),
-            fp16_scaler=self.fp16_scaler if scaler_on else None, dino_loss=self.dino_loss)
+            ckp_path, optional=("fp16_scaler",), check=self.check_layout, student=self.student,
+            teacher=self.teacher, optimizer=self.optimizer, params_of=("student", self.student),
+            fp16_scaler=self.fp16_scaler if scaler_on else None, dino_loss=self.dino_loss,
+            ibot_patch_loss=self.ibot_patch_loss)
         if not checkpoint:
             return checkpoint
         device = self.dino_loss.center.device
@@ -128,16 +241,53 @@ class DINO:
             utils.print_main(f"{ckp_path} was written on {saved_device}; resuming on {device}")
         return checkpoint
 
+    def check_layout(self, checkpoint: dict) -> None:
+        """InputError when the checkpoint was trained with options that give it other keys than this run's."""
+        if self.layout is None:
+            return
+        saved = checkpoint_layout(saved_args_of(checkpoint))
+        for option, value in self.layout.items():
+            if saved[option] != value:
+                raise utils.InputError(
+                    f"checkpoint.pth in this --output_dir was trained with {option} {saved[option]}, this run has "
+                    f"{value}: its networks have other keys; resume with its flags, or give another --output_dir")
+
+
+def saved_args_of(checkpoint: dict) -> dict:
+    """The flags a checkpoint was trained with, as a dict (the original's pickle an argparse.Namespace)."""
+    args = checkpoint.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
+def checkpoint_layout(args) -> dict:
+    """The options that decide a checkpoint's keys beyond --arch and --out_dim, as words, for flags args (a
+    Namespace or the dict of a checkpoint; a flag the original did not have takes its default, off)."""
+    get = args.get if isinstance(args, dict) else lambda name, default: getattr(args, name, default)
+    ibot = float(get("ibot_loss_weight", 0)) > 0
+    separate = ibot and bool(get("ibot_separate_head", False))
+    dinov2 = get("arch", "") in DINOV2_ARCHS  # the published layout: LayerScale always
+    return {"iBOT (--ibot_loss_weight > 0: a mask_token and the patch loss's center)": "on" if ibot else "off",
+            "--ibot_separate_head": "true" if separate else "false",
+            "--ibot_out_dim": (get("ibot_out_dim", None) or get("out_dim", 65536)) if separate else "(none)",
+            "LayerScale (--layerscale > 0)": "on" if dinov2 or float(get("layerscale", 0)) > 0 else "off"}
+
 
 def build_networks(args, dist_env: utils.Distributed):
-    """Student and teacher: same backbone and DINO head, the teacher a copy of the student that gets no gradient."""
-    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
-                          region_in_dim=args.region_in_dim)
-    teacher = build_model(args.arch, patch_size=args.patch_size, region_in_dim=args.region_in_dim)
+    """Student and teacher: same backbone and DINO head (and iBOT head, when it has its own), the teacher a copy
+    of the student that gets no gradient. With --pretrained_weights, the backbones start from that file."""
+    options = dict(layerscale=args.layerscale, drop_path_uniform=args.drop_path_uniform,
+                   mask_token=args.ibot_loss_weight > 0,  # only iBOT's student masks patches: DINO keeps its keys
+                   region_in_dim=args.region_in_dim)
+    student = build_model(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate, **options)
+    teacher = build_model(args.arch, patch_size=args.patch_size, **options)
+    if args.pretrained_weights:
+        load_pretrained_backbone(student, args)
     embed_dim = student.embed_dim
     student = utils.MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
-                                                       norm_last_layer=args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+                                                       norm_last_layer=args.norm_last_layer),
+                                     ibot_head=build_ibot_head(embed_dim, args, norm_last_layer=args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head),
+                                     ibot_head=build_ibot_head(embed_dim, args))
     student, teacher = student.to(dist_env.device), teacher.to(dist_env.device)
 
     if utils.has_batchnorms(student):
@@ -157,6 +307,49 @@ def build_networks(args, dist_env: utils.Distributed):
             model.compile_parts()
     utils.print_main(f"Student and Teacher are built: they are both {args.arch} network.")
     return student, teacher, teacher_without_ddp
+
+
+def ibot_out_dim(args) -> int:
+    """Prototypes of iBOT's patch loss: --ibot_out_dim with a head of its own, else the shared head's --out_dim."""
+    return (args.ibot_out_dim or args.out_dim) if args.ibot_separate_head else args.out_dim
+
+
+def build_ibot_head(embed_dim: int, args, norm_last_layer: bool = True):
+    """iBOT's own head (--ibot_separate_head: a DINO head of --ibot_out_dim prototypes), or None: the DINO head
+    serves the patches too, as DINOv2's default."""
+    if args.ibot_loss_weight > 0 and args.ibot_separate_head:
+        return DINOHead(embed_dim, ibot_out_dim(args), use_bn=args.use_bn_in_head, norm_last_layer=norm_last_layer)
+    return None
+
+
+def load_pretrained_backbone(backbone: nn.Module, args) -> None:
+    """--pretrained_weights into the student's backbone before the teacher copies it (a fresh run only: a resumed
+    run takes its checkpoint). The file holds a backbone (published weights, or a checkpoint's --checkpoint_key):
+    the heads start fresh, and iBOT's mask token from zeros where the file has none."""
+    if os.path.isfile(os.path.join(args.output_dir, "checkpoint.pth")):
+        utils.print_main(f"--pretrained_weights {args.pretrained_weights} not loaded: the run resumes from "
+                         f"{os.path.join(args.output_dir, 'checkpoint.pth')}")
+        return
+    state_dict = utils.extract_backbone_state_dict(utils.torch_load(args.pretrained_weights), args.checkpoint_key,
+                                                   args.pretrained_weights)
+    fresh = []
+    if getattr(backbone, "mask_token", None) is not None and "mask_token" not in state_dict:
+        state_dict["mask_token"] = backbone.mask_token.detach().clone()
+        fresh.append("iBOT's mask_token")
+    utils.load_state_dict_strict(backbone, state_dict, f"--pretrained_weights {args.pretrained_weights}")
+    fresh = ", ".join(["the DINO head"] + (["the iBOT head"] if build_ibot_head(1, args) else []) + fresh)
+    utils.print_main(f"Backbone weights loaded from {args.pretrained_weights} (key {args.checkpoint_key!r}); it "
+                     f"holds a backbone only: {fresh} start from scratch")
+
+
+def build_params_groups(student: nn.Module, args) -> list:
+    """The optimizer's parameter groups: the original's two (get_params_groups: weights with weight decay, then
+    biases and 1-D parameters without) unless --layerwise_decay or --patch_embed_lr_mult ask for DINOv2's
+    per-parameter multipliers, fused into one group per (lr, wd multiplier, last layer)."""
+    if args.layerwise_decay == 1 and args.patch_embed_lr_mult == 1:
+        return utils.get_params_groups(student)
+    return utils.fuse_params_groups(utils.get_params_groups_with_decay(
+        student.module, lr_decay_rate=args.layerwise_decay, patch_embed_lr_mult=args.patch_embed_lr_mult))
 
 
 def build_precision(args, device: torch.device):
@@ -203,13 +396,19 @@ class Schedules:
         return cls(lr, weight_decay, momentum, teacher_temp)
 
     def apply(self, optimizer, it: int) -> tuple:
-        """Set iteration it's learning rate and weight decay (first group only: the others are not regularized)
-        in the optimizer; return its (teacher momentum, teacher temperature). Python floats: the checkpoint stays
-        weights_only-loadable."""
+        """Set iteration it's learning rate and weight decay in the optimizer; return its (teacher momentum,
+        teacher temperature). The original's groups: the weight decay in the first only (the other is not
+        regularized). DINOv2's groups: both times each group's lr_multiplier and wd_multiplier. Python floats:
+        the checkpoint stays weights_only-loadable."""
+        lr, weight_decay = float(self.lr[it]), float(self.weight_decay[it])
         for j, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = float(self.lr[it])
+            if "lr_multiplier" in param_group:
+                param_group["lr"] = lr * param_group["lr_multiplier"]
+                param_group["weight_decay"] = weight_decay * param_group["wd_multiplier"]
+                continue
+            param_group["lr"] = lr
             if j == 0:
-                param_group["weight_decay"] = float(self.weight_decay[it])
+                param_group["weight_decay"] = weight_decay
         return float(self.momentum[it]), float(self.teacher_temp[it])
 
 
@@ -235,8 +434,8 @@ def train_one_epoch(dino: DINO, data_loader, crops_of, schedules: Schedules, epo
                 metric_logger.update(**step)
                 collapse.add(step["teacher_entropy"], step["teacher_batch_entropy"])
             pending.clear()
-            metric_logger.update(lr=dino.optimizer.param_groups[0]["lr"],
-                                 wd=dino.optimizer.param_groups[0]["weight_decay"])
+            # the schedules' values: with --layerwise_decay the first group's lr is that of the decayed embeddings
+            metric_logger.update(lr=schedules.lr[it], wd=schedules.weight_decay[it])
     metric_logger.synchronize_between_processes()
     utils.print_main("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
@@ -476,6 +675,39 @@ def get_args_parser():
         iterations over the batch of all processes, which spread the images evenly over the prototypes; the center
         stays as it is).""")
 
+    # DINOv2's objectives (Oquab et al. 2023, Sec. 4; every default leaves the original's run unchanged)
+    parser.add_argument("--ibot_loss_weight", default=0.0, type=float, help="""Weight of iBOT's masked-patch loss
+        (0: off, the original's; DINOv2 uses 1). The student sees some patches of its global crops replaced by a
+        learnt mask token and predicts, through the head, the teacher's output for those patches of the unmasked
+        crops. Needs a ViT.""")
+    parser.add_argument("--mask_sample_probability", default=0.5, type=float,
+                        help="Share of the global crops that get masks with iBOT (DINOv2: 0.5).")
+    parser.add_argument("--mask_ratio_min_max", default=(0.1, 0.5), type=float, nargs=2, help="""Range of the share
+        of patches masked in a masked crop; a batch's masked crops get shares spread evenly over it (DINOv2:
+        0.1 0.5). Masks are unions of random rectangles, each at most half the patches.""")
+    parser.add_argument("--ibot_separate_head", default=False, type=utils.bool_flag, help="""Give iBOT's patches a
+        head of their own (with --ibot_out_dim prototypes) instead of sharing the DINO head, DINOv2's default.""")
+    parser.add_argument("--ibot_out_dim", default=None, type=int, help="""Prototypes of iBOT's own head
+        (--ibot_separate_head true); default: --out_dim.""")
+    parser.add_argument("--koleo_loss_weight", default=0.0, type=float, help="""Weight of the KoLeo regulariser
+        (0: off; DINOv2 uses 0.1), which spreads the student's backbone [CLS] features of each global crop over the
+        sphere, per process, by pushing every feature away from its nearest neighbour in the batch.""")
+    parser.add_argument("--layerwise_decay", default=1.0, type=float, help="""Layer-wise learning-rate decay of
+        ViTs: block i of L trains at lr x decay^(L - i), the embeddings at decay^(L + 1), the rest (final norm,
+        heads) at lr (1: off, the original's; DINOv2 uses 0.9).""")
+    parser.add_argument("--patch_embed_lr_mult", default=1.0, type=float, help="""Extra learning-rate factor of
+        the patch embedding (1: off; DINOv2 uses 0.2).""")
+    parser.add_argument("--layerscale", default=0.0, type=float, help="""Starting value of a learnt per-channel
+        scale of every residual branch of DINO's ViTs (0: none, the original's layout; DINOv2 uses 1e-5). The dinov2
+        archs always have it, as published (from 1e-5 unless given).""")
+    parser.add_argument("--drop_path_uniform", default=False, type=utils.bool_flag, help="""The same stochastic
+        depth rate (--drop_path_rate) in every block, as DINOv2, instead of one growing linearly with depth.""")
+    parser.add_argument("--pretrained_weights", default="", type=str, help="""Backbone weights to start from (a
+        published file, e.g. DINOv2's for --arch dinov2_vits14, or a checkpoint, whose --checkpoint_key is read);
+        the heads start fresh. Empty: from scratch. A run that resumes from its checkpoint.pth ignores it.""")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Key of --pretrained_weights to read when it is a full checkpoint.")
+
     # Training/Optimization parameters
     parser.add_argument("--use_fp16", type=utils.bool_flag, default=True, help="""Mixed precision (float16
         autocast with loss scaling) on CUDA; CPU runs are fp32. Faster and lighter, but it can make training
@@ -576,6 +808,10 @@ FLAG_DOMAINS = {
     "local_crops_size": utils.AT_LEAST_ONE, "knn_freq": utils.AT_LEAST_ONE, "knn_k": utils.AT_LEAST_ONE,
     "knn_temperature": utils.POSITIVE, "knn_batch_size": utils.AT_LEAST_ONE, "saveckp_freq": utils.NON_NEGATIVE,
     "seed": utils.NON_NEGATIVE, "log_freq": utils.AT_LEAST_ONE,
+    "ibot_loss_weight": utils.NON_NEGATIVE, "mask_sample_probability": utils.Domain(0, 1),
+    "mask_ratio_min_max": utils.Domain(0, 1), "ibot_out_dim": utils.AT_LEAST_ONE,
+    "koleo_loss_weight": utils.NON_NEGATIVE, "layerwise_decay": utils.Domain(0, 1, low_inclusive=False),
+    "patch_embed_lr_mult": utils.NON_NEGATIVE, "layerscale": utils.NON_NEGATIVE,
 }
 
 
@@ -595,12 +831,43 @@ def check_args(args) -> None:
                          f"--epochs {args.epochs}")
     if args.warmup_epochs > args.epochs:
         raise utils.InputError(f"--warmup_epochs {args.warmup_epochs:g} is more than --epochs {args.epochs}")
+    check_objectives(args)
+    if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
+        raise utils.InputError(f"--pretrained_weights {args.pretrained_weights}: no such file")
     crops = ["global_crops_size"]
     if args.local_crops_number:
         crops.append("local_crops_size")
     if args.knn_data_path:  # the k-NN monitoring feeds the backbone --crop_size crops
         crops.append("crop_size")
     utils.check_patch_fits(args, *crops)
+
+
+def check_objectives(args) -> None:
+    """One-line errors for DINOv2's objectives asked of what cannot serve them."""
+    low, high = args.mask_ratio_min_max
+    if low > high:
+        raise utils.InputError(f"--mask_ratio_min_max {low:g} {high:g}: expected min <= max")
+    vit = args.arch in VIT_ARCHS or args.arch in DINOV2_ARCHS
+    if args.ibot_loss_weight > 0:
+        if not vit:
+            raise utils.InputError(f"--ibot_loss_weight {args.ibot_loss_weight:g}: iBOT masks patch tokens, which "
+                                   f"--arch {args.arch} does not have (use a ViT)")
+        n_crops = 2 * args.batch_size_per_gpu
+        n_tokens = (args.global_crops_size // args.patch_size) ** 2
+        if int(n_crops * args.mask_sample_probability) < 1:
+            raise utils.InputError(f"--mask_sample_probability {args.mask_sample_probability:g}: masks none of the "
+                                   f"{n_crops} global crops of a batch (int({n_crops} x p) = 0); raise it or the batch")
+        if int(n_tokens * high) < 1:
+            raise utils.InputError(f"--mask_ratio_min_max {low:g} {high:g}: masks no patch of the {n_tokens} of a "
+                                   f"global crop (int({n_tokens} x {high:g}) = 0)")
+    if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
+        raise utils.InputError(f"--koleo_loss_weight {args.koleo_loss_weight:g}: KoLeo compares each image with its "
+                               f"nearest neighbour in the batch; --batch_size_per_gpu 1 has none")
+    if args.layerwise_decay != 1 and not vit:
+        raise utils.InputError(f"--layerwise_decay {args.layerwise_decay:g}: decays the lr over the blocks of DINO's "
+                               f"and DINOv2's ViTs; --arch {args.arch} is not one of them")
+    if args.layerscale and not vit:
+        raise utils.InputError(f"--layerscale {args.layerscale:g}: a ViT option; --arch {args.arch} is not a ViT")
 
 
 if __name__ == "__main__":

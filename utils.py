@@ -8,7 +8,11 @@ that the scripts use is reachable as `utils.<name>` too:
     dinolib.process_group          rank, world size, collectives on the device the process group serves
     dinolib.flags                  shared flags and their domains
     dinolib.checkpoints            published weights, strict loading, atomic saves, resuming, optimizer state
-    dinolib.optim                  parameter groups, gradient clipping, LARS
+    dinolib.optim                  parameter groups (layer-wise lr decay too), gradient clipping, LARS
+    dinolib.masking                iBOT's blockwise masks (DINOv2's MaskingGenerator and collate)
+    dinolib.ibot_patch_loss        iBOT's masked-patch loss
+    dinolib.koleo_loss             DINOv2's KoLeo regulariser
+    dinolib.sinkhorn_knopp         DINOv2's Sinkhorn-Knopp teacher
     dinolib.tar_index              tarball member indices (the original's file-index format)
     dinolib.datasets               class folders and tarballs that survive unreadable images
     dinolib.evaluation             frozen features, k-NN classifier
@@ -56,8 +60,12 @@ from dinolib.flags import (  # noqa: F401
     AT_LEAST_ONE, DISTRIBUTED_FLAG_DOMAINS, EVAL_SIZE_FLAG_DOMAINS, FINITE, FRACTION, MODEL_FLAG_DOMAINS,
     NON_NEGATIVE, POSITIVE, Domain, add_distributed_args, add_eval_size_args, add_model_args, add_weights_args,
     bool_flag, bool_or_auto_flag, check_flag_domains, check_patch_fits, cpu_bf16_units, resolve_patch_size)
+from dinolib.ibot_patch_loss import iBOTPatchLoss  # noqa: F401
+from dinolib.koleo_loss import KoLeoLoss  # noqa: F401
+from dinolib.masking import MaskingGenerator, collate_masks, mask_generator_for  # noqa: F401
 from dinolib.optim import (  # noqa: F401
-    LARS, build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups, is_regularized)
+    LARS, build_optimizer, cancel_gradients_last_layer, clip_gradients, fuse_params_groups, get_params_groups,
+    get_params_groups_with_decay, get_vit_lr_decay_rate, is_regularized)
 from dinolib.pictures import (  # noqa: F401
     PatchPCA, attention_mass_mask, attention_transform, border_patches, build_attention_backbone,
     cls_attention_maps, crop_to_patch_multiple, patch_features, pca_pictures, upsample_patches)
@@ -70,6 +78,7 @@ from dinolib.regions import (  # noqa: F401
     build_region_eval_datasets, build_tile_encoder, cell_attention, check_region_pool, embed_tiles,
     hierarchical_attention, is_region_arch, list_region_files, partial_regions, region_grid, region_names,
     resolve_crop_sizes, tile_features_to_grid, tile_image, tile_transform)
+from dinolib.sinkhorn_knopp import sinkhorn_knopp  # noqa: F401
 from dinolib.tar_index import (  # noqa: F401
     COMPRESSION_MAGIC, TAR_BLOCK, TAR_FILE_TYPES, TAR_NO_DATA_TYPES, TAR_SUFFIXES, TarMember, check_uncompressed_tar,
     infer_entries_command, is_tar_path, iter_tar_members, load_tar_entries, read_file_indices, tar_class_indices,
@@ -265,35 +274,72 @@ class MultiCropWrapper(nn.Module):
 
     Consecutive crops of the same size are concatenated into one backbone batch
     (2 global crops, then the local crops), so each resolution costs one forward pass.
+    For DINOv2's objectives it also gives the head's outputs on chosen patch tokens of the
+    global crops (iBOT: through `ibot_head` when it has its own, else the same head in the
+    same call as the [CLS]) and the backbone's [CLS] features of the global crops (KoLeo).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, ibot_head: nn.Module = None):
         super().__init__()
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()  # no classifier on top of the features
         self.backbone = backbone
         self.head = head
+        if ibot_head is not None:  # registered only when iBOT has its own head: the original's keys stay
+            self.ibot_head = ibot_head
 
-    def forward(self, x):
+    def forward(self, x, masks: torch.Tensor = None, patch_index: torch.Tensor = None, backbone_cls: bool = False):
+        """The head's outputs on every crop's feature, (n_crops * B, K), as the original; with any keyword, a dict:
+        cls (that tensor), patch (the head's outputs on the chosen patch tokens, (M, K'), or None) and backbone_cls
+        (the backbone's features of the first resolution's crops, (n_global * B, D), or None).
+
+        masks (n_global * B, N) bool: the first resolution's patches where the backbone takes its mask token
+        (iBOT's student). patch_index (M,): positions in the flattened (n_global * B * N) patch tokens of the first
+        resolution whose head outputs are wanted (iBOT's masked patches).
+        """
         if not isinstance(x, (list, tuple)):
             x = [x]
-        backbone, head = self.__dict__.get("_compiled", (self.backbone, self.head))
+        backbone, features, head, ibot_head = self.__dict__.get(
+            "_compiled", (self.backbone, getattr(self.backbone, "forward_features", None), self.head,
+                          getattr(self, "ibot_head", None)))
+        dense = masks is not None or patch_index is not None
         sizes = [inp.shape[-1] for inp in x]
-        outputs, start = [], 0
+        outputs, start, patch_tokens = [], 0, None
         for end in range(1, len(x) + 1):  # group runs of equal resolution
             if end == len(x) or sizes[end] != sizes[start]:
-                out = backbone(torch.cat(x[start:end]))
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+                if dense and start == 0:  # the global crops, with their patch tokens
+                    out = features(torch.cat(x[start:end]), masks=masks)
+                    outputs.append(out["x_norm_clstoken"])
+                    patch_tokens = out["x_norm_patchtokens"]  # (n_global * B, N, D)
+                else:
+                    out = backbone(torch.cat(x[start:end]))
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
                 start = end
-        return head(torch.cat(outputs))
+        cls = torch.cat(outputs)
+        if not dense and not backbone_cls:
+            return head(cls)
+        patch = patch_tokens.flatten(0, 1)[patch_index] if patch_index is not None else None  # (M, D)
+        if patch is None:
+            cls_out, patch_out = head(cls), None
+        elif ibot_head is not None:
+            cls_out, patch_out = head(cls), ibot_head(patch)
+        else:  # one head call, as DINOv2 batches [CLS] and patches through a shared head
+            cls_out, patch_out = head(torch.cat((cls, patch))).split((len(cls), len(patch)))
+        return {"cls": cls_out, "patch": patch_out, "backbone_cls": outputs[0] if backbone_cls else None}
 
     def compile_parts(self, **compile_kwargs) -> None:
-        """torch.compile the backbone and the head for this wrapper's forward (state dict keys unchanged).
+        """torch.compile the backbone and the head(s) for this wrapper's forward (state dict keys unchanged).
 
         Static shapes: batch and crop sizes are fixed during training, so each crop resolution gets its own
         specialised graph instead of one graph with symbolic shapes. `self.backbone` itself stays eager, so the
-        k-NN monitoring, which runs it at other batch sizes under inference mode, compiles nothing.
+        k-NN monitoring, which runs it at other batch sizes under inference mode, compiles nothing. The number of
+        patches iBOT masks changes every step: the heads, which see them, get automatic dynamic shapes.
         """
-        compiled = tuple(torch.compile(m, dynamic=False, **compile_kwargs) for m in (self.backbone, self.head))
+        static = dict(compile_kwargs, dynamic=False)
+        features = getattr(self.backbone, "forward_features", None)
+        ibot_head = getattr(self, "ibot_head", None)
+        heads = dict(compile_kwargs)  # dynamic=None: static first, a dynamic graph once a shape changes
+        compiled = (torch.compile(self.backbone, **static), features and torch.compile(features, **static),
+                    torch.compile(self.head, **heads), ibot_head and torch.compile(ibot_head, **heads))
         self.__dict__["_compiled"] = compiled  # not a submodule: the compiled wrappers share the parameters
 
 
@@ -346,26 +392,19 @@ class DINOLoss(nn.Module):
         """DINOv2's alternative to centering: the teacher's distributions as a Sinkhorn-Knopp assignment of the
         batch (all processes together) to the K prototypes, each prototype receiving about B / K of the B images
         and each image's assignment summing to 1. (N, K) in, (N, K) out, fp32, no gradient; the center is unused.
-
-        The matrix exp(teacher_output / teacher_temp), scaled to sum 1, is normalised n_iterations times, first
-        per prototype (every process's rows summed) then per image. exp is taken after subtracting the maximum
-        over all processes, a constant that the first normalisation removes: the result is DINOv2's, without its
-        overflow when logits / teacher_temp pass 88. Values that would fall under fp32's smallest normal number
-        (logits spread by more than 87 x teacher_temp) are raised to it, so that no image's column is all zeros.
+        See dinolib.sinkhorn_knopp for the iterations and what keeps them finite.
         """
-        logits = teacher_output.float() / teacher_temp
-        q = torch.exp(logits - all_reduce_max(logits.max().reshape(1))).clamp_min_(torch.finfo(torch.float32).tiny)
-        q = q.t()  # (K, N)
-        n_prototypes, n_images = q.shape[0], q.shape[1] * get_world_size()
-        q /= all_reduce_sum(q.sum().reshape(1))
-        for _ in range(n_iterations):
-            q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * n_prototypes  # each prototype's total: 1 / K
-            q /= q.sum(dim=0, keepdim=True) * n_images  # each image's total: 1 / B
-        return (q * n_images).t()
+        return sinkhorn_knopp(teacher_output, teacher_temp, len(teacher_output) * get_world_size(), n_iterations)
 
     def cross_entropy(self, student_output: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """Mean over the 2 * (ncrops - 1) pairs (teacher crop, every other student crop) of the batch mean of
         sum_k -teacher_probs * log_softmax(student_output / student_temp)."""
+        return self.cross_entropy_terms(student_output, teacher_probs)[0]
+
+    def cross_entropy_terms(self, student_output: torch.Tensor, teacher_probs: torch.Tensor) -> tuple:
+        """(cross_entropy, {dino_global_crops_loss, dino_local_crops_loss}): the loss, with its gradient, and its
+        two parts under DINOv2's names, detached: the pairs whose student crop is global, and those whose student
+        crop is local (absent without local crops). The parts sum to the loss."""
         # one log-softmax per student crop, reused for both teacher crops
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)  # (ncrops * B, K)
         teacher_p = teacher_probs.chunk(2)
@@ -374,9 +413,17 @@ class DINOLoss(nn.Module):
         batch = len(student_output) // self.ncrops
         logp_global = student_logp[:2 * batch].chunk(2)
         logp_local = student_logp[2 * batch:].unflatten(0, (self.ncrops - 2, batch)).sum(0) if self.ncrops > 2 else 0
+        n_pairs = 2 * (self.ncrops - 1)
         total_loss = (torch.sum(-teacher_p[0] * (logp_global[1] + logp_local), dim=-1).mean()
-                      + torch.sum(-teacher_p[1] * (logp_global[0] + logp_local), dim=-1).mean())
-        return total_loss / (2 * (self.ncrops - 1))
+                      + torch.sum(-teacher_p[1] * (logp_global[0] + logp_local), dim=-1).mean()) / n_pairs
+        terms = {}
+        if self.ncrops > 2:
+            with torch.no_grad():
+                local = (torch.sum(-teacher_p[0] * logp_local, dim=-1).mean()
+                         + torch.sum(-teacher_p[1] * logp_local, dim=-1).mean()) / n_pairs
+            terms["dino_local_crops_loss"] = local
+        terms = {"dino_global_crops_loss": total_loss.detach() - terms.get("dino_local_crops_loss", 0), **terms}
+        return total_loss, terms
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:

@@ -114,19 +114,19 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
 
-    ls1 and ls2 are DINOv2's layer scales; without `layerscale` (DINO) they are identities.
+    ls1 and ls2 are DINOv2's layer scales, starting at `layerscale`; with 0 (DINO) they are identities.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, layerscale: bool = False, ffn_layer: type = Mlp):
+                 drop_path: float = 0.0, layerscale: float = 0.0, ffn_layer: type = Mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ffn_layer(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         y, attn = self.attn(self.norm1(x), return_attention=return_attention)
@@ -175,6 +175,10 @@ class VisionTransformer(nn.Module):
 
     Token layout: [CLS] first, then `num_prefix_tokens - 1` others (DINOv2's registers, none
     here), then the patches row by row; whatever wants patches skips num_prefix_tokens.
+    DINOv2's training options, all off by default (the original's layout): `layerscale`, the
+    starting value of a LayerScale in every residual branch (DINOv2: 1e-5); `drop_path_uniform`,
+    the same stochastic depth in every block instead of one growing with depth; `mask_token`,
+    the learnt embedding iBOT's student sees in place of its masked patches.
     """
 
     num_prefix_tokens = 1
@@ -182,21 +186,25 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0, layerscale: bool = False,
-                 ffn_layer: type = Mlp):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, layerscale: float = 0.0,
+                 ffn_layer: type = Mlp, drop_path_uniform: bool = False, mask_token: bool = False):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        # stochastic depth grows with depth; on the CPU even where a meta-device model is built (layouts, tests)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        # stochastic depth grows with depth (DINOv2's drop_path_uniform: the same in every block); on the CPU even
+        # where a meta-device model is built (layouts, tests)
+        dpr = [drop_path_rate] * depth if drop_path_uniform else \
+            torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], layerscale=layerscale,
                   ffn_layer=ffn_layer) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # registered last: the original's keys keep their order, and the key exists only where iBOT trains it
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -215,16 +223,21 @@ class VisionTransformer(nn.Module):
         patch_pos_embed = resize_pos_embed(self.pos_embed[:, 1:], h // p, w // p, self.interpolate_antialias)
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos_embed), dim=1).to(x.dtype)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor = None) -> torch.Tensor:
         """(B, 3, H, W) images to (B, 1 + N, D) tokens: [CLS] and the patches, position embedding added.
 
         Sides that are not multiples of the patch size lose their remainder at the bottom and right
-        (the strided patch convolution drops it).
+        (the strided patch convolution drops it). masks (B, N) bool: those patches' embeddings are
+        replaced by the mask token before the position embedding is added (iBOT's student, as DINOv2).
         """
         B, _, h, w = x.shape
         if h < self.patch_size or w < self.patch_size:
             raise ValueError(f"input {h}x{w} is smaller than one {self.patch_size}x{self.patch_size} patch")
         x = self.patch_embed(x)  # (B, N, D)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("masks given to a ViT without a mask token (build it with mask_token=True)")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, D)
         return x + self.interpolate_pos_encoding(x, h, w)
 
@@ -234,6 +247,28 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         x = self.norm(x)
         return self.head(x[:, 0])
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor = None) -> dict:
+        """The normed tokens under DINOv2's names: x_norm_clstoken (B, D), the [CLS] that forward returns, and
+        x_norm_patchtokens (B, N, D), the patches (registers skipped). masks: as prepare_tokens."""
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return {"x_norm_clstoken": x[:, 0], "x_norm_patchtokens": x[:, self.num_prefix_tokens:]}
+
+    @torch.no_grad()
+    def fit_optional_parts(self, keys) -> None:
+        """Add what a state dict with these keys has and this DINO ViT lacks: LayerScale in every block
+        (blocks.*.ls1.gamma) and the mask token, so that DINO ViTs trained with those options load strictly.
+        The values are those of the state dict once it is loaded."""
+        keys = set(keys)
+        if "mask_token" in keys and self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim, device=self.cls_token.device))
+        for i, blk in enumerate(self.blocks):
+            for name in ("ls1", "ls2"):
+                if f"blocks.{i}.{name}.gamma" in keys and isinstance(getattr(blk, name), nn.Identity):
+                    setattr(blk, name, LayerScale(self.embed_dim).to(self.cls_token.device))
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention of the last block over all tokens, (B, heads, T, T), T = num_prefix_tokens + N."""
@@ -295,25 +330,28 @@ class DINOv2VisionTransformer(VisionTransformer):
     """
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, ffn_layer: type = Mlp,
-                 num_register_tokens: int = 0, interpolate_antialias: bool = False, drop_path_rate: float = 0.0):
+                 num_register_tokens: int = 0, interpolate_antialias: bool = False, drop_path_rate: float = 0.0,
+                 layerscale: float = 1e-5, drop_path_uniform: bool = False, train_mask_token: bool = False):
         super().__init__(img_size=518, patch_size=DINOV2_PATCH_SIZE, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, drop_path_rate=drop_path_rate, layerscale=True, ffn_layer=ffn_layer)
+                         num_heads=num_heads, drop_path_rate=drop_path_rate, layerscale=layerscale,
+                         ffn_layer=ffn_layer, drop_path_uniform=drop_path_uniform)
         self.num_prefix_tokens = 1 + num_register_tokens
         self.interpolate_antialias = interpolate_antialias
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
-        # DINOv2 trains it as the embedding of iBOT's masked patches; DINO masks none: kept frozen, to load its files
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
+        # the published layout always has it; it trains only where iBOT masks patches, else it stays frozen
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=train_mask_token)
         nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2's initialisation
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor = None) -> torch.Tensor:
         """(B, 3, H, W) images to (B, 1 + R + N, D) tokens: [CLS], the R registers, the patches.
 
-        The position embedding is added to [CLS] and the patches first; the registers come after it.
+        The position embedding is added to [CLS] and the patches first (masked patches replaced by the
+        mask token before it, as DINO's prepare_tokens does); the registers come after it.
         """
-        x = super().prepare_tokens(x)  # (B, 1 + N, D)
+        x = super().prepare_tokens(x, masks)  # (B, 1 + N, D)
         if self.register_tokens is None:
             return x
         registers = self.register_tokens.expand(x.shape[0], -1, -1)  # (B, R, D)
@@ -505,7 +543,8 @@ def torchvision_arch_names() -> list:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.0,
+def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.0, layerscale: float = 0.0,
+                drop_path_uniform: bool = False, mask_token: bool = False,
                 region_in_dim: int = REGION_IN_DIM) -> nn.Module:
     """Backbone without classifier for `arch`; its feature size is `model.embed_dim`.
 
@@ -514,16 +553,21 @@ def build_model(arch: str, *, patch_size: int = None, drop_path_rate: float = 0.
     HIPT's region ViT vit4k_xs (on grids of region_in_dim-d tile features; no patches),
     any torchvision classification model (classifier replaced by identity) or an XCiT model
     from the facebookresearch/xcit hub, which is only contacted here, when such a name is asked for.
+    The ViTs take DINOv2's training options (see VisionTransformer): layerscale (0: none; DINOv2's
+    archs always have it, from 1e-5 unless given), drop_path_uniform, and mask_token (a DINO ViT
+    gets one; a DINOv2 arch, which always has one, trains it).
     """
     if arch in REGION_ARCHS:  # its tokens are grid cells: patch_size does not apply
         return REGION_ARCHS[arch](in_dim=region_in_dim, drop_path_rate=drop_path_rate)
     if arch in VIT_ARCHS:
-        return VIT_ARCHS[arch](patch_size=patch_size or 16, drop_path_rate=drop_path_rate)
+        return VIT_ARCHS[arch](patch_size=patch_size or 16, drop_path_rate=drop_path_rate, layerscale=layerscale,
+                               drop_path_uniform=drop_path_uniform, mask_token=mask_token)
     if arch in DINOV2_ARCHS:
         if patch_size not in (None, DINOV2_PATCH_SIZE):
             raise UnknownArchError(f"--patch_size {patch_size}: {arch} has {DINOV2_PATCH_SIZE}x{DINOV2_PATCH_SIZE} "
                                    f"patches (give --patch_size {DINOV2_PATCH_SIZE})")
-        return DINOV2_ARCHS[arch](drop_path_rate=drop_path_rate)
+        return DINOV2_ARCHS[arch](drop_path_rate=drop_path_rate, layerscale=layerscale or 1e-5,
+                                  drop_path_uniform=drop_path_uniform, train_mask_token=mask_token)
     if arch.startswith("xcit"):
         try:
             model = torch.hub.load("facebookresearch/xcit:main", arch, num_classes=0,

@@ -57,6 +57,8 @@ import utils  # noqa: E402
 from vision_transformer import build_model  # noqa: E402
 
 STAGES = ("step", "aug", "e2e", "knn")
+OBJECTIVES = {"dino": {}, "ibot": {"ibot_loss_weight": 1.0}, "koleo": {"koleo_loss_weight": 0.1},
+              "ibot_koleo": {"ibot_loss_weight": 1.0, "koleo_loss_weight": 0.1}}  # main_dino flags of each
 
 
 def get_args_parser():
@@ -79,6 +81,9 @@ def get_args_parser():
                         help="Batch norm in the DINO head (main_dino's flag; make demo's step has it).")
     parser.add_argument("--centering", default="centering", choices=["centering", "sinkhorn_knopp"],
                         help="main_dino's --centering for our step (make demo's: sinkhorn_knopp); original: centering.")
+    parser.add_argument("--objectives", nargs="+", default=["dino"], choices=list(OBJECTIVES), help="""What our step
+        optimises, each timed as its own configuration: dino (the original's loss), or with DINOv2's objectives at
+        DINOv2's weights: ibot (--ibot_loss_weight 1), koleo (--koleo_loss_weight 0.1), ibot_koleo (both).""")
     parser.add_argument("--global_crops_size", default=224, type=int)
     parser.add_argument("--local_crops_size", default=96, type=int)
     parser.add_argument("--local_crops_number", default=8, type=int)
@@ -136,12 +141,15 @@ def main(args):
             for batch_size in args.batch_size_per_gpu:
                 # ============ the training step on device tensors ... ============
                 if "step" in args.stages:
-                    configs = [(precision, compiled, variant) for precision in args.precision
+                    # the original has no torch.compile, nor DINOv2's objectives
+                    configs = [(precision, compiled, variant, objectives) for precision in args.precision
                                for compiled in args.compile for variant in args.variant
-                               if not (variant == "original" and compiled)]  # the original has no torch.compile
-                    steps = bench_steps([training_args(args, arch, batch_size, precision, compiled, device)
-                                         for precision, compiled, _ in configs],
-                                        [variant for _, _, variant in configs], args)
+                               for objectives in (args.objectives if variant == "lean" else ["dino"])
+                               if not (variant == "original" and compiled)]
+                    steps = bench_steps([training_args(args, arch, batch_size, precision, compiled, device,
+                                                       objectives=objectives)
+                                         for precision, compiled, _, objectives in configs],
+                                        [variant for _, _, variant, _ in configs], args)
                     for record in steps:
                         emit(record, stage="step")
                     for record in speedups(steps, device):
@@ -192,9 +200,12 @@ class Emitter:
         print(json.dumps(line), file=self.stream, flush=True)
 
 
-def training_args(args, arch, batch_size, precision, compiled, device, folder="", augmentation="gpu"):
+def training_args(args, arch, batch_size, precision, compiled, device, folder="", augmentation="gpu",
+                  objectives="dino"):
     """main_dino's own arguments (its defaults) for one configuration, in one process."""
     train_args = main_dino.get_args_parser().parse_args([])
+    vars(train_args).update(OBJECTIVES[objectives])
+    train_args.objectives = objectives  # the benchmark's own field
     train_args.arch, train_args.patch_size, train_args.out_dim = arch, args.patch_size, args.out_dim
     train_args.use_bn_in_head, train_args.centering = args.use_bn_in_head, args.centering
     train_args.batch_size_per_gpu = batch_size
@@ -217,7 +228,7 @@ def config(train_args) -> dict:
     return {"arch": train_args.arch, "patch_size": train_args.patch_size, "batch_size": train_args.batch_size_per_gpu,
             "crops": crop_sizes(train_args), "precision": train_args.precision,
             "autocast": str(autocast["dtype"]).removeprefix("torch.") if autocast["enabled"] else None,
-            "compile": train_args.compile}
+            "compile": train_args.compile, "objectives": train_args.objectives}
 
 
 def crop_sizes(train_args) -> str:
@@ -373,7 +384,7 @@ def speedups(steps: list, device) -> list:
     if base is None:
         return []
     return [{"arch": r["arch"], "batch_size": r["batch_size"], "crops": r["crops"], "precision": r["precision"],
-             "compile": r["compile"], "original_precision": original_precision,
+             "compile": r["compile"], "objectives": r["objectives"], "original_precision": original_precision,
              "speedup": round(r["images_per_s"] / base["images_per_s"], 2)}
             for r in steps if r["variant"] == "lean"]
 

@@ -178,10 +178,12 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> N
 
 
 def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoint_key: str, arch: str,
-                            patch_size: int, url: str = "") -> None:
+                            patch_size: int, url: str = "", fit_options: bool = False) -> None:
     """Load backbone weights strictly from a local file or, when pretrained_weights is empty, the published ones.
 
     `url` replaces the published weights of arch and patch size (the attention figures' 300-epoch ViT-S/8).
+    fit_options (evaluation): a DINO ViT first gains the LayerScale and mask token that the weights have (a run
+    trained with --layerscale or iBOT), read from their keys; training loads into the layout its flags built.
     """
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):
@@ -196,6 +198,8 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: str, checkpoin
         state_dict = download_weights(url)
         source = url
     state_dict = extract_backbone_state_dict(state_dict, checkpoint_key, source)
+    if fit_options and hasattr(model, "fit_optional_parts"):
+        model.fit_optional_parts(state_dict.keys())
     try:
         load_state_dict_strict(model, state_dict, f"{source} (key {checkpoint_key!r})")
     except InputError as e:  # DINOv2 weights for a DINO ViT, or the reverse: say which --arch they are for
@@ -222,12 +226,14 @@ def save_on_master(obj, path: str) -> None:
             os.remove(tmp)
 
 
-def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, optional: tuple = (), **kwargs) -> dict:
+def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, optional: tuple = (), check=None,
+                            **kwargs) -> dict:
     """Load each kwarg's state from the checkpoint at ckp_path, fill run_variables (e.g. epoch); return the checkpoint.
 
     Modules load strictly (one line naming the shapes that disagree); an optimizer loads through
     load_optimizer_state, by parameter name when `params_of` is (the checkpoint key of the optimizer's model,
     that model). A key of `optional` that the checkpoint lacks is skipped (the original skipped every absent key).
+    check(checkpoint), when given, runs before anything is loaded (an InputError refuses the checkpoint).
     Returns {} when there is no checkpoint.
     """
     if not os.path.isfile(ckp_path):
@@ -236,6 +242,8 @@ def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, optional:
     checkpoint = torch_load(ckp_path)
     if not isinstance(checkpoint, dict):
         raise InputError(f"{ckp_path}: not a checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    if check is not None:
+        check(checkpoint)
     params_of = kwargs.pop("params_of", None)
     for key, value in kwargs.items():
         if value is None:
@@ -264,6 +272,8 @@ def restart_from_checkpoint(ckp_path: str, run_variables: dict = None, optional:
 # How the optimizer's implementation runs, not what it computes: ours is kept when a checkpoint written on another
 # device or torch version is loaded (its saved groups would replace them otherwise)
 OPTIMIZER_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
+# What this run's flags make of each group (--layerwise_decay, --patch_embed_lr_mult): the flags of the run rule
+OPTIMIZER_GROUP_SETTING_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str, model: nn.Module = None,
@@ -313,8 +323,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: 
     if dropped:
         print_main(f"{source}: optimizer state of {len(dropped)} parameters not trained here dropped "
                    f"({', '.join(dropped[:3])})")
-    groups = [{**saved, **{k: own_g[k] for k in OPTIMIZER_IMPLEMENTATION_KEYS if k in own_g},
-               "params": own_g["params"]} for saved, own_g in zip(saved_groups, own_groups)]
+    own_keys = OPTIMIZER_IMPLEMENTATION_KEYS + OPTIMIZER_GROUP_SETTING_KEYS
+    groups = [{**saved, **{k: own_g[k] for k in own_keys if k in own_g}, "params": own_g["params"]}
+              for saved, own_g in zip(saved_groups, own_groups)]
     optimizer.load_state_dict({"state": remapped, "param_groups": groups})
 
 

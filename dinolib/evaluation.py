@@ -95,7 +95,8 @@ def build_frozen_backbone(args, device: torch.device) -> nn.Module:
     Weights: --pretrained_weights with --checkpoint_key, or the published ones for the arch when it is empty.
     """
     model = build_model(args.arch, patch_size=args.patch_size)
-    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                            fit_options=True)
     model.eval().requires_grad_(False)
     patches = f" {args.patch_size}x{args.patch_size}" if hasattr(model, "patch_embed") else ""
     print_main(f"Model {args.arch}{patches} built.")

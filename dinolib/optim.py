@@ -19,6 +19,64 @@ def get_params_groups(model: nn.Module) -> list:
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
+def get_vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers: int = 12,
+                          force_is_backbone: bool = False) -> float:
+    """DINOv2's layer-wise learning-rate multiplier of a parameter: lr_decay_rate ** (num_layers + 1 - layer_id).
+
+    layer_id is 0 for the embeddings (pos_embed, patch_embed, mask_token, cls_token), i + 1 for block i, and
+    num_layers + 1 for everything after the blocks (the final norm, the registers, a head), which keep the full rate.
+    Names are relative to the sub-model (`blocks.3.attn.qkv.weight`) or carry its `backbone.` prefix.
+    """
+    layer_id = num_layers + 1
+    if name.startswith("backbone") or force_is_backbone:
+        if any(part in name for part in ("pos_embed", "patch_embed", "mask_token", "cls_token")):
+            layer_id = 0
+        elif ".blocks." in name:
+            layer_id = int(name[name.find(".blocks."):].split(".")[2]) + 1
+        elif "blocks." in name:
+            layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
+    return lr_decay_rate ** (num_layers + 1 - layer_id)
+
+
+def get_params_groups_with_decay(model: nn.Module, lr_decay_rate: float = 1.0,
+                                 patch_embed_lr_mult: float = 1.0) -> list:
+    """One dict per trained parameter of model: params, name, lr_multiplier, wd_multiplier, is_last_layer.
+
+    lr_multiplier follows DINOv2: the layer-wise decay of get_vit_lr_decay_rate (for a model with ViT blocks, or a
+    wrapper whose `backbone` has them; 1 everywhere else, such as a head), times patch_embed_lr_mult for the patch
+    embedding. wd_multiplier follows the original DINO: 0 for biases and 1-D parameters, 1 otherwise (DINOv2's rule,
+    by name, would decay the weights of the batch norms a head may have).
+    """
+    if hasattr(model, "blocks"):
+        n_blocks = len(model.blocks)
+    elif hasattr(getattr(model, "backbone", None), "blocks"):
+        n_blocks = len(model.backbone.blocks)
+    else:
+        n_blocks = 0
+    groups = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr_multiplier = get_vit_lr_decay_rate(name, lr_decay_rate, num_layers=n_blocks,
+                                              force_is_backbone=n_blocks > 0)
+        if "patch_embed" in name:
+            lr_multiplier *= patch_embed_lr_mult
+        groups.append({"params": param, "name": name, "lr_multiplier": lr_multiplier,
+                       "wd_multiplier": 1.0 if is_regularized(name, param) else 0.0,
+                       "is_last_layer": "last_layer" in name})
+    return groups
+
+
+def fuse_params_groups(all_params_groups: list,
+                       keys: tuple = ("lr_multiplier", "wd_multiplier", "is_last_layer")) -> list:
+    """Optimizer groups of the per-parameter dicts: one group per distinct value of keys, in order of appearance."""
+    fused = {}
+    for d in all_params_groups:
+        group = fused.setdefault(tuple(d[k] for k in keys), {**{k: d[k] for k in keys}, "params": []})
+        group["params"].append(d["params"])
+    return list(fused.values())
+
+
 @torch.no_grad()
 def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
     """Clip each parameter's gradient to norm `clip` on its own (not the global norm); return the norms.

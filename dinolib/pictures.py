@@ -23,7 +23,8 @@ def build_attention_backbone(args, device: torch.device) -> nn.Module:
                          f"{', '.join(DINOV2_ARCHS)})")
     model = build_model(args.arch, patch_size=args.patch_size)
     url = "" if args.pretrained_weights else attention_weights_url(args.arch, args.patch_size)
-    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, url=url)
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, url=url,
+                            fit_options=True)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -312,7 +312,7 @@ def build_tile_encoder(arch: str, patch_size: int, weights: str, checkpoint_key:
     model = build_model(arch, patch_size=patch_size)
     url = "" if weights else HIPT_TILE_WEIGHTS_URL if (arch, patch_size) == ("vit_small", 16) else \
         published_weights_url(arch, patch_size)
-    load_pretrained_weights(model, weights, checkpoint_key, arch, patch_size, url=url)
+    load_pretrained_weights(model, weights, checkpoint_key, arch, patch_size, url=url, fit_options=True)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -92,3 +92,41 @@ def test_random_init_is_the_seeded_initialisation(tmp_path):
     proc = run_script(["experiments/fashion_mnist/random_init.py", "--arch", "vit_tiny", "--output",
                        tmp_path / "missing" / "random.pth"], check=False)
     assert proc.returncode == 2 and "--output" in proc.stderr and "does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_patch_knn_scores_the_cls_and_the_mean_patch_token(tmp_path):
+    """patch_knn.py's two k-NNs against the written-out classifier on features computed here: the [CLS] and the mean
+    of the last layer's patch tokens of a random vit_tiny/4 on 8x8 images (4 patches)."""
+    import utils
+    rng = np.random.default_rng(0)
+    write_pattern_split(tmp_path / "data" / "train", 12, rng)
+    write_pattern_split(tmp_path / "data" / "val", 10, rng)
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", patch_size=4).eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    out = run_script(["experiments/fashion_mnist/patch_knn.py", "--arch", "vit_tiny", "--patch_size", "4",
+                      "--pretrained_weights", tmp_path / "backbone.pth", "--data_path", tmp_path / "data",
+                      "--resize_size", "8", "--crop_size", "8", "--nb_knn", "1", "5", "--num_workers", "0"]).stdout
+    transform = utils.eval_transform(8, 8)
+
+    def features(split):
+        x, labels = [], []
+        for label, cls in enumerate(sorted(os.listdir(split))):
+            for name in sorted(os.listdir(os.path.join(split, cls))):
+                with Image.open(os.path.join(split, cls, name)) as img:
+                    x.append(transform(img.convert("RGB")))
+                labels.append(label)
+        with torch.no_grad():
+            tokens = model.forward_features(torch.stack(x))
+        cls, patch = tokens["x_norm_clstoken"].double().numpy(), tokens["x_norm_patchtokens"].mean(1).double().numpy()
+        unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+        return unit(cls), unit(patch), np.array(labels)
+
+    train_cls, train_patch, train_labels = features(tmp_path / "data" / "train")
+    val_cls, val_patch, val_labels = features(tmp_path / "data" / "val")
+    for name, train, val in (("cls", train_cls, val_cls), ("patch_mean", train_patch, val_patch)):
+        for k in (1, 5):
+            top1 = float(re.search(rf"^{name} {k}-NN: top-1 ([\d.]+)", out, re.M).group(1))
+            expected = numpy_weighted_knn(train, train_labels, val, val_labels, k, 0.07, 3)
+            assert abs(top1 - expected) < 1e-2, (name, k, top1, expected)

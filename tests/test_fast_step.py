@@ -214,8 +214,9 @@ def test_compile_flag_keeps_the_checkpoint_keys():
     student, teacher, teacher_without_ddp = main_dino.build_networks(args, ONE_CPU)
     assert [set(m.state_dict()) for m in (student, teacher)] == plain_keys
     for model in (student.module, teacher_without_ddp):
-        compiled_backbone, compiled_head = model.__dict__["_compiled"]  # what the wrapper's forward calls
+        compiled_backbone, compiled_features, compiled_head, compiled_ibot_head = model.__dict__["_compiled"]
         assert compiled_backbone._orig_mod is model.backbone and compiled_head._orig_mod is model.head
+        assert compiled_ibot_head is None  # the DINO head serves iBOT's patches, when iBOT is on
         assert model.backbone._compiled_call_impl is None  # the backbone itself stays eager for the k-NN monitoring
 
 
@@ -265,17 +266,19 @@ def test_benchmark_runs_on_cpu_and_prints_json_lines():
                        "--batch_size_per_gpu", "4", "--global_crops_size", "32", "--local_crops_size", "16",
                        "--local_crops_number", "2", "--iters", "2", "--warmup", "1", "--num_images", "16",
                        "--image_size", "48", "40", "--num_workers", "1", "--knn_batch_size", "8",
-                       "--aug_worker_images", "8", "--variant", "lean", "original", "--augmentation", "gpu", "cpu"])
+                       "--aug_worker_images", "8", "--variant", "lean", "original", "--augmentation", "gpu", "cpu",
+                       "--objectives", "dino", "ibot_koleo"])
     records = [json.loads(line) for line in proc.stdout.splitlines()]  # nothing but JSON lines on stdout
     stages = [(r["stage"], r.get("variant") or r.get("augmentation")) for r in records]
-    assert stages == [("step", "lean"), ("step", "original"), ("aug_worker", "cpu"), ("aug_worker", "gpu"),
-                      ("aug_device", "gpu"), ("data", "gpu"), ("e2e", "gpu"), ("data", "cpu"), ("e2e", "cpu"),
-                      ("knn_model", None), ("knn_e2e", None)]
+    assert stages == [("step", "lean"), ("step", "lean"), ("step", "original"), ("aug_worker", "cpu"),
+                      ("aug_worker", "gpu"), ("aug_device", "gpu"), ("data", "gpu"), ("e2e", "gpu"), ("data", "cpu"),
+                      ("e2e", "cpu"), ("knn_model", None), ("knn_e2e", None)]
+    assert [r["objectives"] for r in records[:3]] == ["dino", "ibot_koleo", "dino"]  # the original has only DINO
     for r in records:
         assert r["images_per_s"] > 0 and r["device"] == "cpu" and r.get("peak_mem_gib") is None
     assert records[0]["crops"] == "2x32+2x16" and records[0]["batch_size"] == 4 and records[0]["autocast"] is None
-    # --iters 2 under the default 5 rounds: 2 interleaved rounds of one step each, for both variants
-    assert [len(r["rounds_images_per_s"]) for r in records[:2]] == [2, 2] and records[0]["iters"] == 2
+    # --iters 2 under the default 5 rounds: 2 interleaved rounds of one step each, for every configuration
+    assert [len(r["rounds_images_per_s"]) for r in records[:3]] == [2, 2, 2] and records[0]["iters"] == 2
     assert records[-1]["images"] == 16
 
 
@@ -293,8 +296,11 @@ def test_benchmark_bad_input_is_one_line(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_lean_step_never_waits_for_the_gpu(precision):
-    args = tiny_args(use_fp16=precision == "fp16", use_bf16=precision == "bf16")
+@pytest.mark.parametrize("objectives", [{}, {"ibot_loss_weight": 1.0, "koleo_loss_weight": 0.1,
+                                             "centering": "sinkhorn_knopp"}], ids=["dino", "dinov2_objectives"])
+def test_lean_step_never_waits_for_the_gpu(precision, objectives):
+    """Not even with iBOT's masks: they are drawn on the host and copied over without waiting."""
+    args = tiny_args(use_fp16=precision == "fp16", use_bf16=precision == "bf16", **objectives)
     dino = main_dino.DINO.build(args, utils.Distributed(device=torch.device("cuda", 0)))  # fused AdamW on CUDA
     set_schedules(dino.optimizer, 1e-3, 0.04)
     images = [c.cuda() for c in crops(args)]

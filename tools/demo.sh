@@ -7,6 +7,7 @@
 #     PRECISION=fp32 bash tools/demo.sh                    # auto (default: bf16 where the CPU has bf16 units), bf16, fp32
 #     TRAIN_PER_CLASS=4 VAL_PER_CLASS=2 EPOCHS=1 BATCH=8 bash tools/demo.sh   # the pieces, in seconds
 #     KNN_STUDENT=true bash tools/demo.sh                  # the student's k-NN beside the teacher's
+#     DEMO_FLAGS="--ibot_loss_weight 1 --koleo_loss_weight 0.1" bash tools/demo.sh  # more main_dino.py flags
 #
 # Flags (every default of main_dino.py stays the original's; the demo chooses its own): no local crops, global crops
 # over 0.3-1 of the image, out_dim 256 with batch norm in the head, teacher temperature 0.02, DINOv2's Sinkhorn-Knopp
@@ -34,6 +35,7 @@ case "$PRECISION" in
     *) echo "tools/demo.sh: PRECISION=$PRECISION is not one of auto, bf16, fp32" >&2; exit 2 ;;
 esac
 KNN_STUDENT=${KNN_STUDENT:-false}  # true: the student's k-NN beside the teacher's (another pass per epoch)
+DEMO_FLAGS=${DEMO_FLAGS:-}  # main_dino.py flags added after the demo's own, which they override
 
 start=$(date +%s)
 $PYTHON tools/prepare_fashion_mnist.py --output_dir "$DATA_DIR" --train_per_class "$TRAIN_PER_CLASS" \
@@ -49,7 +51,7 @@ $PYTHON main_dino.py --arch vit_tiny --patch_size 7 --global_crops_size 28 --glo
     --batch_size_per_gpu "$BATCH" --lr 0.002 --min_lr 0.000125 --epochs "$EPOCHS" --warmup_epochs 0.5 \
     $precision_flags --augmentation gpu --num_workers 1 --seed "$SEED" --saveckp_freq 0 \
     --data_path "$DATA_DIR/train" --knn_data_path "$DATA_DIR" --knn_freq 1 --knn_student "$KNN_STUDENT" \
-    --resize_size 28 --crop_size 28 --output_dir "$DEMO_DIR"
+    --resize_size 28 --crop_size 28 --output_dir "$DEMO_DIR" $DEMO_FLAGS
 train_s=$(( $(date +%s) - start ))
 
 $PYTHON tools/plot_logs.py "$DEMO_DIR/log.txt" --labels "vit_tiny/7 DINO demo, seed $SEED" \
@@ -59,7 +61,7 @@ $PYTHON visualize_attention.py --arch vit_tiny --patch_size 7 --pretrained_weigh
     --checkpoint_key teacher --image_path "$image" --image_size 28 --output_dir "$DEMO_DIR/attention"
 
 echo "export ${export_s} s, training ${train_s} s (main_dino.py, k-NN monitoring included), seed ${SEED}," \
-    "PRECISION=${PRECISION}"
+    "PRECISION=${PRECISION}${DEMO_FLAGS:+, DEMO_FLAGS=$DEMO_FLAGS}"
 $PYTHON - "$DEMO_DIR/log.txt" "$DATA_DIR/val" <<'EOF'
 import json, sys
 lines = [json.loads(line) for line in open(sys.argv[1])]
