@@ -12,6 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (make test: -n 2 --dist loadgroup), the Slurm tests run one after another on one worker: each
+    job asks for the local cluster's every CPU, so two at once would wait in the queue for each other."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test (loopback stays allowed for process groups)."""

@@ -283,6 +283,17 @@ def test_benchmark_runs_on_cpu_and_prints_json_lines():
 
 
 @pytest.mark.slow
+def test_step_profile_prints_the_shares_of_the_operators_time():
+    proc = run_script(["benchmarks/profile_step.py", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64",
+                       "--batch_size_per_gpu", "4", "--global_crops_size", "32", "--local_crops_size", "16",
+                       "--local_crops_number", "2", "--steps", "1", "--warmup", "1"])
+    record = json.loads(proc.stdout)
+    shares = record["share_of_operator_time"]
+    assert sum(shares.values()) == pytest.approx(1, abs=0.01) and shares["matrix products"] > 0.1
+    assert record["matrix_products_gflop_per_s"] > 0 and record["seconds_per_step"] > 0
+
+
+@pytest.mark.slow
 def test_benchmark_bad_input_is_one_line(tmp_path):
     proc = run_script(["benchmarks/bench_train.py", "--stages", "e2e", "--data_path", str(tmp_path / "none")],
                       check=False)
