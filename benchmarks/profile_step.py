@@ -10,6 +10,7 @@ GFLOP/s, and the ten operators of largest self time. The step is built by bench_
 functions); the first --warmup steps are not profiled.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,6 +66,14 @@ def group_of(name: str) -> str:
 
 def main(args):
     check_args(args)
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # what the training code prints: stdout holds the JSON line alone
+        record = profile_steps(args)
+    print(json.dumps(record), file=real_stdout)
+
+
+def profile_steps(args) -> dict:
+    """The step's time and the operators' shares, as main prints them."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     bench_args = bench_train.get_args_parser().parse_args([])
     vars(bench_args).update(patch_size=args.patch_size, out_dim=args.out_dim, global_crops_size=args.global_crops_size,
@@ -90,7 +99,7 @@ def main(args):
     matmul = [e for e in events if group_of(e.key) == "matrix products"]
     flops = sum(e.flops or 0 for e in matmul)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
-    print(json.dumps({
+    return {
         "config": {k: v for k, v in vars(args).items()}, "device": str(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "seconds_per_step": round(seconds, 4),
         "images_per_s": round(args.batch_size_per_gpu / seconds, 1),
@@ -98,7 +107,7 @@ def main(args):
         "matrix_products_gflop_per_s": round(flops / (sum(e.self_cpu_time_total for e in matmul) / 1e6) / 1e9, 1)
         if matmul else None,
         "top_operators_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / args.steps, 1) for e in top},
-    }))
+    }
 
 
 if __name__ == "__main__":

@@ -509,7 +509,8 @@ def test_dinov2_arch_continues_from_a_published_backbone(tmp_path, capsys):
      "--koleo_loss_weight 0.1: KoLeo compares each image with its nearest neighbour in the batch; "
      "--batch_size_per_gpu 1 has none"),
     ("--layerwise_decay 0.9 --arch resnet18",
-     "--layerwise_decay 0.9: decays the lr over ViT blocks, which --arch resnet18 does not have"),
+     "--layerwise_decay 0.9: decays the lr over the blocks of DINO's and DINOv2's ViTs; --arch resnet18 is not one "
+     "of them"),
     ("--pretrained_weights /no/such.pth", "--pretrained_weights /no/such.pth: no such file"),
 ])
 def test_bad_objective_flags_are_one_line(flags, message):
