@@ -1,8 +1,12 @@
 """Shared fixtures: no network, small generated ImageFolders, running the real scripts."""
+import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -141,10 +145,80 @@ def script_env(**extra):
     return env
 
 
+# Environment variables that the preloaded interpreter's imports have already read (thread pools, library paths,
+# torch's import-time settings): a run that sets them otherwise gets a fresh interpreter.
+IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP", "OPENBLAS", "TORCH", "PYTORCH", "CUDA", "LD_", "PYTHON", "NUMEXPR")
+RUNTIME_ENV = {"TORCH_HOME", "PYTHONUNBUFFERED"}
+
+
+class Preloaded:
+    """tests/preloaded.py, started once per test process: `python SCRIPT` for the repository's scripts, forked from
+    an interpreter that has imported torch and the repository (see there). DINO_TESTS_FRESH_PROCESSES=1 runs
+    every script in a fresh interpreter instead."""
+    proc = None
+    env = None
+
+    @classmethod
+    def serves(cls, args, env, cwd) -> bool:
+        if os.environ.get("DINO_TESTS_FRESH_PROCESSES") == "1" or str(cwd) != REPO or not args:
+            return False
+        script = str(args[0])
+        if not script.endswith(".py") or os.path.isabs(script) or not os.path.isfile(os.path.join(REPO, script)):
+            return False  # -m, -c, and scripts outside the repository
+        if cls.proc is None:
+            cls.start()
+        keys = {k for k in set(env) | set(cls.env) if k.startswith(IMPORT_TIME_ENV) and k not in RUNTIME_ENV}
+        return cls.proc.poll() is None and all(env.get(k) == cls.env.get(k) for k in keys)
+
+    @classmethod
+    def start(cls):
+        cls.env = script_env()
+        cls.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "preloaded.py")], cwd=REPO,
+                                    env=cls.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        if cls.answer() != {"ready": True}:  # its imports failed (on stderr): every script runs fresh
+            cls.proc.kill()
+            cls.proc.wait()
+
+    @classmethod
+    def answer(cls) -> dict:
+        """One JSON line from the preloaded interpreter, read unbuffered so that select() sees what is unread."""
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = os.read(cls.proc.stdout.fileno(), 1)
+            if not byte:
+                return {}
+            line += byte
+        return json.loads(line)
+
+    @classmethod
+    def run(cls, args, env, timeout) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            request = {"script": str(args[0]), "args": [str(a) for a in args[1:]], "env": env, "cwd": REPO,
+                       "stdout": out, "stderr": err}
+            cls.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = cls.answer()["pid"]
+            ready, _, _ = select.select([cls.proc.stdout], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+            returncode = cls.answer()["returncode"]
+            with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
+                proc = subprocess.CompletedProcess([sys.executable, *map(str, args)], returncode, f_out.read(),
+                                                   f_err.read())
+            if not ready:
+                raise subprocess.TimeoutExpired(proc.args, timeout, proc.stdout, proc.stderr)
+            return proc
+
+
 def run_script(args, timeout=600, check=True, env=None, cwd=REPO):
-    """Run `python <args>` from the repository root; return the CompletedProcess (stdout+stderr as text)."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env or script_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run `python <args>` from the repository root; return the CompletedProcess (stdout+stderr as text). The
+    repository's scripts run forked from a preloaded interpreter (Preloaded), the rest (-m, -c) in a fresh one."""
+    env = env or script_env()
+    if Preloaded.serves(args, env, cwd):
+        proc = Preloaded.run(args, env, timeout)
+    else:
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-3000:]}")
