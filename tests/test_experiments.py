@@ -1,13 +1,15 @@
 """experiments/fashion_mnist: the raw-pixel k-NN baseline and the random-weights backbone."""
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script, write_split
+from conftest import REPO, run_script, write_split
 from vision_transformer import build_model
 
 
@@ -130,3 +132,40 @@ def test_patch_knn_scores_the_cls_and_the_mean_patch_token(tmp_path):
             top1 = float(re.search(rf"^{name} {k}-NN: top-1 ([\d.]+)", out, re.M).group(1))
             expected = numpy_weighted_knn(train, train_labels, val, val_labels, k, 0.07, 3)
             assert abs(top1 - expected) < 1e-2, (name, k, top1, expected)
+
+
+@pytest.mark.slow
+def test_pca_side_by_side_is_the_pixels_then_one_colour_per_patch(tmp_path):
+    """dinov2_objectives_pca.sh on two random-weights teachers: the first panel is the 4x4 mosaic of the first two
+    images of 8 classes, the others one RGB colour per 7x7 patch (the picture is drawn at twice the size), the three
+    components' range spanning 0-255 in each channel."""
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        os.makedirs(tmp_path / "data" / "val" / f"class{c}")
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+                tmp_path / "data" / "val" / f"class{c}" / f"{i}.png")
+    for seed, run in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        os.makedirs(tmp_path / "out" / run)
+        torch.save({"teacher": build_model("vit_tiny", patch_size=7).state_dict()},
+                   tmp_path / "out" / run / "checkpoint.pth")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS="a b", DATA_DIR=str(tmp_path / "data"),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", "experiments/fashion_mnist/dinov2_objectives_pca.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(re.findall(r"first 3 components explain \d+\.\d% of the patch tokens' variance", proc.stdout)) == 2
+    picture = np.asarray(Image.open(tmp_path / "out" / "pca_side_by_side.png").convert("RGB"))
+    assert picture.shape == (224, 2 * (3 * 112 + 2 * 8), 3)
+    pixels = picture[::2, ::2]  # back to one pixel per image pixel
+    for i in range(16):  # image i of the mosaic: class i // 2, its (i % 2)-th file, at row i // 4, column i % 4
+        with Image.open(tmp_path / "data" / "val" / f"class{i // 2}" / f"{i % 2}.png") as img:
+            expected = np.asarray(img.convert("RGB"))
+        r, c = 28 * (i // 4), 28 * (i % 4)
+        assert np.array_equal(pixels[r:r + 28, c:c + 28], expected), i
+    for panel in (1, 2):
+        grid = pixels[:, panel * 120:panel * 120 + 112]
+        patches = grid.reshape(16, 7, 16, 7, 3)
+        assert (patches == patches[:, :1, :, :1]).all()  # one colour per patch
+        assert (grid.reshape(-1, 3).min(0) == 0).all() and (grid.reshape(-1, 3).max(0) == 255).all()
