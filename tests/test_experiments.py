@@ -164,8 +164,24 @@ def test_pca_side_by_side_is_the_pixels_then_one_colour_per_patch(tmp_path):
             expected = np.asarray(img.convert("RGB"))
         r, c = 28 * (i // 4), 28 * (i % 4)
         assert np.array_equal(pixels[r:r + 28, c:c + 28], expected), i
-    for panel in (1, 2):
+    import utils
+    to_input = utils.eval_transform(28, 28)
+    images = []
+    for i in range(16):
+        with Image.open(tmp_path / "data" / "val" / f"class{i // 2}" / f"{i % 2}.png") as img:
+            images.append(to_input(img.convert("RGB")))
+    for panel, seed in ((1, 0), (2, 1)):
         grid = pixels[:, panel * 120:panel * 120 + 112]
         patches = grid.reshape(16, 7, 16, 7, 3)
         assert (patches == patches[:, :1, :, :1]).all()  # one colour per patch
-        assert (grid.reshape(-1, 3).min(0) == 0).all() and (grid.reshape(-1, 3).max(0) == 255).all()
+        # the PCA written out: the teacher's normed patch tokens of the 16 images, centred, 3 right singular vectors
+        torch.manual_seed(seed)
+        model = build_model("vit_tiny", patch_size=7).eval()
+        with torch.no_grad():
+            tokens = model.forward_features(torch.stack(images))["x_norm_patchtokens"].reshape(256, -1).double()
+        tokens = tokens - tokens.mean(0)
+        scores = (tokens @ torch.linalg.svd(tokens, full_matrices=False)[2][:3].T).numpy()
+        colours = patches[:, 0, :, 0].reshape(4, 4, 4, 4, 3).transpose(0, 2, 1, 3, 4).reshape(256, 3).astype(float)
+        for k in range(3):  # each component up to its sign, min-max scaled to 0-255
+            expected = 255 * (scores[:, k] - scores[:, k].min()) / np.ptp(scores[:, k])
+            assert min(np.abs(colours[:, k] - expected).max(), np.abs(colours[:, k] - (255 - expected)).max()) <= 1

@@ -15,4 +15,3 @@ def test_a_forked_run_equals_a_fresh_one(args, monkeypatch):
     monkeypatch.setenv("DINO_TESTS_FRESH_PROCESSES", "1")
     fresh = run_script(args, check=False)
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
-
