@@ -18,7 +18,6 @@ import os, sys
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 sys.path.insert(0, os.getcwd())
 import utils
 from vision_transformer import build_model
@@ -26,7 +25,7 @@ from vision_transformer import build_model
 val, out, *runs = sys.argv[1:]
 classes = sorted(os.listdir(val))[:8]
 files = [os.path.join(val, c, f) for c in classes for f in sorted(os.listdir(os.path.join(val, c)))[:2]]
-to_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
+to_input = utils.eval_transform(28, 28)  # what the k-NN and patch_knn.py feed the teachers: 28 px, ImageNet norm
 pixels = [Image.open(path).convert("RGB") for path in files]
 batch = torch.stack([to_input(im) for im in pixels])
 panels = [np.concatenate([np.concatenate([np.asarray(im) for im in pixels[r * 4:(r + 1) * 4]], 1)
@@ -39,14 +38,14 @@ for run in runs:
         tokens = model.eval().forward_features(batch)["x_norm_patchtokens"]  # (16, 16, D)
     flat = tokens.reshape(-1, tokens.shape[-1]).double()
     flat = flat - flat.mean(0)
-    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    _, singular, v = torch.linalg.svd(flat, full_matrices=False)
     comps = flat @ v[:3].T
     comps = (comps - comps.min(0).values) / (comps.max(0).values - comps.min(0).values)
     rgb = (comps.reshape(4, 4, 4, 4, 3) * 255).round().byte().numpy()  # (image row, image col, patch row, patch col)
     grid = rgb.transpose(0, 2, 1, 3, 4).reshape(16, 16, 3).repeat(7, 0).repeat(7, 1)
     panels.append(grid)
     print(f"{run}: first 3 components explain "
-          f"{100 * (torch.linalg.svdvals(flat)[:3] ** 2).sum() / (flat ** 2).sum():.1f}% of the patch tokens' variance")
+          f"{100 * (singular[:3] ** 2).sum() / (singular ** 2).sum():.1f}% of the patch tokens' variance")
 gap = np.full((112, 8, 3), 255, np.uint8)
 row = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], 1)
 Image.fromarray(row).resize((row.shape[1] * 2, row.shape[0] * 2), Image.NEAREST).save(
